@@ -1,0 +1,121 @@
+"""Checkpoints: atomic writes, rotation, resume.
+
+    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=2)
+    ckpt.save(state, step=1200, is_best=True)       # main process only
+    state = ckpt.load("auto")                        # None when there is nothing to resume
+
+Layout: ``step-00001200.pt`` (the newest ``keep_last`` are kept), ``last.pt`` (a hard link to the
+newest step file), ``best.pt``. Every file is written to a temp name, fsynced, then renamed, so a
+crash in the middle of a write leaves the previous checkpoint intact and a partial file is never
+picked up (temp files are ignored and cleaned). Loading uses ``weights_only=True``: the state may
+hold only tensors, containers and plain Python values.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+_STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _atomic_link(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # file systems without hard links: copy through an atomic write
+        atomic_torch_save(torch.load(src, map_location="cpu", weights_only=True), dst)
+        return
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise UserError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); it may be "
+                        "truncated or from another program; delete it to fall back to an older one") from None
+
+
+class Checkpointer:
+    def __init__(self, directory: Path, keep_last: int = 2) -> None:
+        self.dir = Path(directory)
+        self.keep_last = max(1, keep_last)
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.dir / "best.pt"
+
+    def step_files(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        files = [p for p in self.dir.iterdir() if _STEP_RE.match(p.name)]
+        return sorted(files, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+
+    def save(self, state: dict, step: int, is_best: bool = False) -> Path:
+        path = self.dir / f"step-{step:08d}.pt"
+        atomic_torch_save(state, path)
+        _atomic_link(path, self.last)
+        if is_best:
+            _atomic_link(path, self.best)
+        for old in self.step_files()[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        for stale in self.dir.glob(".*.tmp-*"):  # leftovers of a crash in an earlier write
+            if stale.name.endswith(f"-{os.getpid()}"):
+                continue
+            stale.unlink(missing_ok=True)
+        return path
+
+    def save_best(self, state: dict) -> None:
+        atomic_torch_save(state, self.best)
+
+    def resolve(self, resume: str) -> Path | None:
+        """The checkpoint that ``resume`` names: '' -> None, 'auto' -> last (if any), else a path."""
+        if resume == "":
+            return None
+        if resume == "auto":
+            if self.last.is_file():
+                return self.last
+            steps = self.step_files()
+            return steps[-1] if steps else None
+        return Path(resume)
+
+    def load(self, resume: str) -> dict | None:
+        path = self.resolve(resume)
+        return None if path is None else load_checkpoint(path)

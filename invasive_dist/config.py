@@ -1,0 +1,322 @@
+"""Typed configuration: strict YAML loading, dotted overrides, validation, the resolved file.
+
+    cfg = load_config("configs/demo.yaml", ["train.epochs=3", "model.arch=resnet34"])
+    save_config(cfg, run_dir / "config.yaml")
+
+Every section is a dataclass whose fields carry a one-line comment. A key that is not a field, or a
+value of the wrong type, is a :class:`UserError` naming the key path and the file it came from
+(``--override`` for the command line). Override values are parsed as YAML (``train.epochs=3`` is an
+int, ``model.weights=null`` is None).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synthetic"  # folder in the Kaggle layout: train/, test/, train_labels.csv
+    labels_csv: str = "train_labels.csv"  # label file inside root (name,invasive)
+    backend: Literal["auto", "torch", "dali", "gpu_cache", "synthetic"] = "torch"  # input pipeline
+    n_folds: int = 5  # stratified folds of the train set
+    fold: int = 0  # the fold used for validation (0 <= fold < n_folds)
+    limit: int = 0  # use only the first N labelled images (0 = all); for quick experiments
+    image_size: int = 224  # side of the square image the model sees
+    eval_crop_pct: float = 0.875  # eval: resize shorter side to image_size/crop_pct, center crop
+    scale_min: float = 0.35  # train: random-resized-crop area fraction lower bound
+    hflip: bool = True  # train: random horizontal flip
+    vflip: bool = True  # train: random vertical flip (the photos have no canonical "up")
+    rot90: bool = False  # train: random 90 degree rotations
+    batch_size: int = 32  # per-device micro-batch
+    eval_batch_size: int = 0  # per-device batch for validation/prediction (0 = 2 x batch_size)
+    num_workers: int = 2  # torch backend: decoding worker processes per rank
+    on_bad_file: Literal["error", "skip"] = "error"  # bad images: refuse to train, or exclude them
+    check_cache: bool = True  # cache the data check by file sizes and mtimes
+    dali_hw_decoder_load: float = 0.9  # dali: share of JPEG decoding on the hardware decoder
+    dali_threads: int = 4  # dali: CPU threads per pipeline
+    cache_short_side: int = 0  # gpu_cache: stored image shorter side (0 = image_size/scale bound)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"  # any torchvision classification model name (resnet18 ... resnet152, ...)
+    weights: Optional[str] = None  # None, "imagenet" (torchvision weights API) or a state-dict file
+    channels_last: bool = True  # NHWC memory format on GPU (ignored on CPU)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"  # optimizer
+    lr: float = 0.1  # peak learning rate (before lr_scaling)
+    momentum: float = 0.9  # sgd momentum
+    nesterov: bool = True  # sgd Nesterov momentum
+    weight_decay: float = 5e-5  # decoupled for adamw, L2 for sgd; not applied to norms and biases
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw betas
+    warmup_epochs: float = 1.0  # linear warmup length, then cosine decay to min_lr_ratio x lr
+    min_lr_ratio: float = 0.0  # final lr as a fraction of the peak
+    lr_scaling: Literal["none", "linear"] = "none"  # linear: lr x global_batch / base_batch
+    base_batch: int = 256  # reference global batch of lr for lr_scaling=linear
+    backbone_lr_mult: float = 1.0  # lr multiplier of everything but the head (fine-tuning)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5  # training epochs
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast precision
+    grad_accum: int = 1  # micro-batches per optimizer step (no gradient sync on the others)
+    compile: bool = False  # torch.compile the model
+    label_smoothing: float = 0.0  # BCE targets become y(1-s) + s/2
+    clip_grad_norm: float = 0.0  # clip the global gradient norm (0 = measure only)
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm when world_size > 1
+    ema_decay: float = 0.0  # exponential moving average of the weights (0 = off)
+    nonfinite: Literal["skip", "stop"] = "stop"  # non-finite loss/grad: skip the step or stop
+    log_every: int = 10  # optimizer steps between metric reductions and log lines
+    max_steps: int = 0  # stop after this many optimizer steps in total (0 = run all epochs)
+    deterministic: bool = False  # deterministic kernels (CPU resume is bit-exact either way)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # also save `last` every N optimizer steps (0 = at epoch ends only)
+    keep_last: int = 2  # step checkpoints kept besides `last` and `best`
+
+
+@dataclass
+class OutputConfig:
+    root: str = "runs"  # parent folder of run directories
+    name: str = ""  # run directory name ("" = the config file's stem)
+    tensorboard: bool = True  # write TensorBoard event files under tb/
+
+
+@dataclass
+class PredictConfig:
+    tta: Literal["none", "flips", "dihedral"] = "none"  # test-time views averaged per image
+    checkpoint: Literal["best", "last"] = "best"  # which checkpoint predict loads
+    ensemble: Literal["mean", "rank_mean"] = "mean"  # how fold predictions are combined
+
+
+@dataclass
+class ProfileConfig:
+    enabled: bool = False  # record a torch.profiler window
+    wait: int = 5  # steps skipped before the window
+    warmup: int = 2  # profiler warm-up steps (recorded, then discarded)
+    active: int = 3  # steps recorded
+    ranks: list[int] = field(default_factory=lambda: [0])  # ranks that write a trace
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPUs, gloo on CPU
+    timeout_s: int = 600  # collective timeout: a dead peer ends the job instead of hanging it
+
+
+@dataclass
+class Config:
+    seed: int = 0  # seeds weights (same on all ranks), folds and the data order
+    resume: str = ""  # "" (fresh), "auto" (continue from checkpoints/last if present) or a path
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.root) / (self.output.name or "run")
+
+
+# ----------------------------------------------------------------------------------------------
+# Strict conversion of plain YAML values into the dataclasses.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise UserError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise UserError(f"{where}: {value!r} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {_type_name(tp)} at {where}")  # a bug, not user error
+
+
+def _build(cls: type, raw: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        path = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise UserError(
+            f"unknown config key {path!r}; valid keys{' of ' + where if where else ''}: "
+            + ", ".join(sorted(names))
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise UserError(f"override {dotted!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.epochs=3"`` -> ``("train.epochs", 3)``; the value is parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override {text!r} is not of the form key.path=value (e.g. train.epochs=3)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise UserError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return key.strip(), parsed
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
+    try:
+        cfg = _build(Config, raw, "")
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    validate(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``path`` (or the defaults when None), apply dotted overrides, validate."""
+    raw: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise UserError(f"config file {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{p}: the top level must be a mapping of sections")
+    try:
+        _build(Config, raw, "")  # report file errors against the file before overrides apply
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    for ov in overrides:
+        key, value = parse_override(ov)
+        _set_dotted(raw, key, value)
+        try:
+            _build(Config, raw, "")
+        except UserError as e:
+            raise UserError(f"command-line override {ov!r}: {e}") from None
+    cfg = config_from_dict(raw, source)
+    if not cfg.output.name:
+        cfg.output.name = Path(path).stem if path is not None else "run"
+    return cfg
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    """Impossible combinations fail here, before any work, with one message."""
+    d, t = cfg.data, cfg.train
+    problems = []
+    if d.n_folds < 2:
+        problems.append(f"data.n_folds={d.n_folds} must be at least 2")
+    if not 0 <= d.fold < d.n_folds:
+        problems.append(f"data.fold={d.fold} must satisfy 0 <= fold < data.n_folds={d.n_folds}")
+    if d.batch_size < 1:
+        problems.append(f"data.batch_size={d.batch_size} must be >= 1")
+    if d.image_size < 16:
+        problems.append(f"data.image_size={d.image_size} must be >= 16")
+    if not 0.0 < d.eval_crop_pct <= 1.0:
+        problems.append(f"data.eval_crop_pct={d.eval_crop_pct} must be in (0, 1]")
+    if not 0.0 < d.scale_min <= 1.0:
+        problems.append(f"data.scale_min={d.scale_min} must be in (0, 1]")
+    if d.cache_short_side and d.cache_short_side < d.image_size:
+        problems.append(
+            f"data.cache_short_side={d.cache_short_side} is smaller than "
+            f"data.image_size={d.image_size}: the stored image cannot hold the crop"
+        )
+    if not 0.0 <= d.dali_hw_decoder_load <= 1.0:
+        problems.append(f"data.dali_hw_decoder_load={d.dali_hw_decoder_load} must be in [0, 1]")
+    if t.grad_accum < 1:
+        problems.append(f"train.grad_accum={t.grad_accum} must be >= 1")
+    if t.epochs < 1:
+        problems.append(f"train.epochs={t.epochs} must be >= 1")
+    if t.log_every < 1:
+        problems.append(f"train.log_every={t.log_every} must be >= 1")
+    if not 0.0 <= t.ema_decay < 1.0:
+        problems.append(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        problems.append(f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+    if cfg.optim.lr <= 0:
+        problems.append(f"optim.lr={cfg.optim.lr} must be > 0")
+    if len(cfg.optim.betas) != 2:
+        problems.append(f"optim.betas={cfg.optim.betas} must have two values")
+    if cfg.resume not in ("", "auto") and not Path(cfg.resume).exists():
+        problems.append(f"resume={cfg.resume!r}: no such checkpoint (use '', 'auto' or a path)")
+    if problems:
+        raise UserError(f"{source}: " + "; ".join(problems))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

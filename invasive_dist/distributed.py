@@ -1,0 +1,120 @@
+"""The only module that reads the launcher's and Slurm's environment, and that builds the Accelerator.
+
+    world = world_info_from_env()
+    accelerator = build_accelerator(cfg, world)
+
+Launchers: plain ``python`` (one process), ``torchrun`` (single- or multi-node, c10d rendezvous),
+``accelerate launch`` (which sets the same RANK/WORLD_SIZE/LOCAL_RANK variables), and Slurm
+(``slurm/train.sbatch`` runs one torchrun agent per node through ``srun``). The process-group
+backend is NCCL on GPUs and gloo on CPU unless ``dist.backend`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    node_rank: int = 0
+    launcher: str = "python"  # python | torchrun | accelerate | slurm
+    restart_count: int = 0  # torchrun restarts of this worker group
+    slurm_job_id: str = ""
+    slurm_restart_count: int = 0  # times Slurm requeued this job
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    value = env.get(key, "")
+    if value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {key}={value!r} is not an integer") from None
+
+
+def world_info_from_env(env: Mapping[str, str] | None = None) -> WorldInfo:
+    env = os.environ if env is None else env
+    if "ACCELERATE_DYNAMO_BACKEND" in env or "ACCELERATE_MIXED_PRECISION" in env:
+        launcher = "accelerate"
+    elif "TORCHELASTIC_RUN_ID" in env or "TORCHELASTIC_RESTART_COUNT" in env:
+        launcher = "torchrun"
+    else:
+        launcher = "python"
+    if "SLURM_JOB_ID" in env and launcher != "python":
+        launcher = "slurm"
+    world = WorldInfo(
+        rank=_int(env, "RANK", 0),
+        local_rank=_int(env, "LOCAL_RANK", 0),
+        world_size=_int(env, "WORLD_SIZE", 1),
+        local_world_size=_int(env, "LOCAL_WORLD_SIZE", 1),
+        node_rank=_int(env, "GROUP_RANK", _int(env, "SLURM_NODEID", 0)),
+        launcher=launcher,
+        restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT", 0),
+        slurm_job_id=env.get("SLURM_JOB_ID", ""),
+        slurm_restart_count=_int(env, "SLURM_RESTART_COUNT", 0),
+    )
+    if not 0 <= world.rank < world.world_size:
+        raise UserError(f"RANK={world.rank} is outside WORLD_SIZE={world.world_size}; check the launcher")
+    if world.world_size == 1 and _int(env, "SLURM_NTASKS", 1) > 1 and launcher == "python":
+        raise UserError(
+            f"SLURM_NTASKS={env['SLURM_NTASKS']} but no torchrun: start one torchrun agent per node "
+            "(see slurm/train.sbatch) instead of one python per task"
+        )
+    return world
+
+
+def _backend(cfg, use_cuda: bool) -> str:
+    if cfg.dist.backend != "auto":
+        if cfg.dist.backend == "nccl" and not use_cuda:
+            raise UserError("dist.backend=nccl needs CUDA GPUs; use dist.backend=auto or gloo on CPU")
+        return cfg.dist.backend
+    return "nccl" if use_cuda else "gloo"
+
+
+def check_precision(mixed_precision: str, use_cuda: bool) -> None:
+    """Precision settings the device cannot run fail here, before any work."""
+    if mixed_precision == "fp16" and not use_cuda:
+        raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    if mixed_precision == "bf16" and use_cuda and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name()
+        raise UserError(f"train.mixed_precision=bf16: {name} has no bf16 support; use fp16")
+
+
+def build_accelerator(cfg, world: WorldInfo):
+    """Accelerator with the backend, collective timeout and precision of ``cfg``."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    use_cuda = torch.cuda.is_available()
+    check_precision(cfg.train.mixed_precision, use_cuda)
+    # ResNets use every parameter each step; searching for unused ones costs a graph walk.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=True)]
+    if world.world_size > 1:  # a backend given to a single process would make Accelerate init one
+        timeout = timedelta(seconds=cfg.dist.timeout_s)
+        handlers.append(InitProcessGroupKwargs(backend=_backend(cfg, use_cuda), timeout=timeout))
+    return Accelerator(
+        cpu=not use_cuda,
+        mixed_precision=cfg.train.mixed_precision,
+        kwargs_handlers=handlers,
+        step_scheduler_with_optimizer=False,
+    )

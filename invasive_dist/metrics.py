@@ -1,0 +1,135 @@
+"""Metrics: ROC AUC, the run's metric writers (rank 0) and throughput accounting.
+
+``MetricsWriter`` writes the same tags to ``metrics.jsonl`` (one JSON object per line with ``step``
+and ``epoch``) and to TensorBoard event files under ``tb/``. Only the main process creates one.
+
+``StepTimer`` measures, per log interval, the host time spent waiting for the next batch versus the
+interval's wall time, without synchronising the device on every step: the device is synchronised
+once per interval (when the interval's metrics are read), so the interval's wall time includes all
+the queued work and ``data_wait_frac`` is the fraction of it the loop spent starved of input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC by the Mann-Whitney U statistic, ties counted as half. NaN if one class is absent."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), dtype=np.float64)
+    # Average ranks over runs of equal scores.
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(scores)]])
+    avg = (starts + ends + 1) / 2.0  # 1-based average rank of each run
+    ranks[order] = np.repeat(avg, ends - starts)
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+class MetricsWriter:
+    """JSONL + TensorBoard writer for the main process."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+
+    def log(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        row = {"step": int(step), "epoch": int(epoch)}
+        row.update({k: float(v) for k, v in metrics.items()})
+        self._f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, float(v), global_step=int(step))
+
+    def flush(self) -> None:
+        self._f.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def max_memory_bytes(device: torch.device) -> int:
+    """Device memory peak on GPU, peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+class StepTimer:
+    """Per-interval wall time and host time blocked on input; no device sync per step."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.data_wait = 0.0
+        self.steps = 0
+        self.samples = 0
+
+    def data_start(self) -> None:
+        self._d0 = time.perf_counter()
+
+    def data_end(self) -> None:
+        self.data_wait += time.perf_counter() - self._d0
+
+    def step_done(self, samples: int) -> None:
+        self.steps += 1
+        self.samples += samples
+
+    def read(self, world_size: int) -> dict[str, float]:
+        """Call after the interval's one device sync; returns perf/* metrics and resets."""
+        wall = max(time.perf_counter() - self.t0, 1e-9)
+        per_device = self.samples / wall
+        out = {
+            "perf/data_wait_frac": self.data_wait / wall,
+            "perf/step_time_s": wall / max(self.steps, 1),
+            "perf/img_per_s_per_device": per_device,
+            # Ranks step in lockstep (DDP all-reduce), so the global rate is per-device x world.
+            "perf/img_per_s": per_device * world_size,
+            "perf/world_size": float(world_size),
+        }
+        self.reset()
+        return out
+
+
+def host_rss_bytes() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

@@ -1,0 +1,514 @@
+"""The Trainer: one loop, readable top to bottom.
+
+    trainer = Trainer(cfg, accelerator, world)
+    result = trainer.fit()        # train + validate each epoch, checkpoints, metrics, TensorBoard
+
+Batch semantics: per-device batch x processes x grad_accum = global batch, e.g. 32 x 8 GPUs x 2 =
+512 images per optimizer step. An "epoch" is one pass of the (wrapped) training plan; a "step" is
+one optimizer step. With ``optim.lr_scaling=linear`` the peak lr is lr x global_batch / base_batch.
+
+Nothing in the hot loop waits on the host: losses and gradient norms accumulate on the device and
+are read once per ``train.log_every`` steps (the one device sync of an interval). Non-finite
+gradients are detected on the device; DDP has already averaged the gradients, so every rank sees
+the same gradient norm and takes the same decision. The fused optimizers take the non-finite flag
+as ``found_inf`` and skip the update on the device (the trick GradScaler uses), so a skipped step
+costs no sync either.
+
+Preemption: SIGTERM/SIGUSR1 set a flag; ranks agree on it every step with an all-reduce on a
+gloo group of their own (host memory, no device sync), stop at the same step boundary, save
+``last`` and raise :class:`Preempted` (exit code ``errors.EXIT_PREEMPTED``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import record_function
+
+from .checkpoint import Checkpointer
+from .config import Config, save_config, to_dict
+from .data import Shard, build_loader
+from .data.kaggle import DataIndex, split, train_index
+from .distributed import WorldInfo
+from .errors import UserError
+from .metrics import MetricsWriter, StepTimer, max_memory_bytes, roc_auc
+from .models import build_model, head_name
+from .profiling import ProfilerWindow
+
+
+class Preempted(Exception):
+    """Raised after a signal-triggered checkpoint; the CLI exits with EXIT_PREEMPTED."""
+
+
+class NonFiniteError(UserError):
+    pass
+
+
+@dataclass
+class EvalResult:
+    index: np.ndarray  # positions in the split, each exactly once, sorted
+    logits: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def probs(self) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.logits))
+
+    def metrics(self, prefix: str = "val") -> dict[str, float]:
+        loss = float(np.mean(np.logaddexp(0, self.logits) - self.labels * self.logits))
+        return {f"{prefix}/loss": loss, f"{prefix}/auc": roc_auc(self.labels, self.logits), f"{prefix}/n": len(self.index)}
+
+
+def gather_unique(acc, index: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> EvalResult:
+    """Gather (index, logit, label) rows from all ranks and keep each sample index once.
+
+    Shards may differ in length (padding rows carry index -1) and may repeat samples (the padding of
+    the evaluation plan or of DALI's ``pad_last_batch``); a sample's repeats have identical logits up
+    to nondeterminism of the kernels, and the first one is kept."""
+    local = torch.stack([index.double(), logits.double(), labels.double()], dim=1)
+    local = acc.pad_across_processes(local, dim=0, pad_index=-1)
+    allg = acc.gather(local).cpu().numpy()
+    allg = allg[allg[:, 0] >= 0]
+    positions, first = np.unique(allg[:, 0].astype(np.int64), return_index=True)
+    return EvalResult(index=positions, logits=allg[first, 1], labels=allg[first, 2])
+
+
+def lr_lambda_factory(warmup_steps: int, total_steps: int, min_ratio: float):
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(model: nn.Module, cfg: Config, lr: float) -> list[dict]:
+    """No weight decay on norms and biases; ``backbone_lr_mult`` for everything but the head."""
+    head = head_name(model) + "."
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = (name.startswith(head), p.ndim > 1)
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (is_head, decay), params in sorted(groups.items()):
+        mult = 1.0 if is_head else cfg.optim.backbone_lr_mult
+        out.append({"params": params, "lr": lr * mult, "weight_decay": cfg.optim.weight_decay if decay else 0.0})
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg, lr)
+    o = cfg.optim
+    if o.name == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, fused=True)
+        # Fused SGD skips its update when found_inf is set, but would create the momentum buffer
+        # from uninitialised memory on a skipped first step: create the buffers up front.
+        if o.momentum > 0:
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return opt
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), fused=True)
+
+
+class EMA:
+    """Exponential moving average of parameters and buffers, kept on the device."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        import copy
+
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_p = list(self.module.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
+
+
+def rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGUSR1; ranks agree on it with an all-reduce on a gloo group."""
+
+    def __init__(self, world_size: int) -> None:
+        self.flag = False
+        self.signal_name = ""
+        self.group = dist.new_group(backend="gloo") if world_size > 1 else None
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        if self.group is None:
+            return self.flag
+        t = torch.tensor([1 if self.flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, accelerator, world: WorldInfo, on_bad=None) -> None:
+        self.cfg, self.acc, self.world = cfg, accelerator, world
+        self.device = accelerator.device
+        self.is_main = accelerator.is_main_process
+        self.run_dir = cfg.run_dir
+        self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        d = cfg.data
+        full = self._checked_index()
+        self.train_idx, self.val_idx = split(full, d.n_folds, d.fold, cfg.seed)
+        self.shard = Shard(accelerator.process_index, accelerator.num_processes)
+        self.channels_last = cfg.model.channels_last and self.device.type == "cuda"
+        self.train_loader = build_loader(self.train_idx, cfg, self.shard, self.device, True, self.channels_last)
+        self.val_loader = build_loader(self.val_idx, cfg, self.shard, self.device, False, self.channels_last)
+        accum = cfg.train.grad_accum
+        self.steps_per_epoch = self.train_loader.steps_per_epoch // accum
+        if self.steps_per_epoch < 1:
+            raise UserError(
+                f"data.batch_size={d.batch_size} x {self.shard.world} processes x train.grad_accum={accum} "
+                f"is larger than the {len(self.train_idx)} training images: lower the batch size"
+            )
+        self.global_batch = d.batch_size * self.shard.world * accum
+        lr = cfg.optim.lr * (self.global_batch / cfg.optim.base_batch if cfg.optim.lr_scaling == "linear" else 1.0)
+        self.peak_lr = lr
+
+        model = build_model(cfg.model)
+        if cfg.train.sync_bn and self.shard.world > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self.raw_model = model
+        self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        optimizer = build_optimizer(model, cfg, lr)
+        total = cfg.train.epochs * self.steps_per_epoch
+        warmup = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda_factory(warmup, total, cfg.optim.min_lr_ratio)
+        )
+        # The scheduler is stepped by us once per optimizer step, not prepared by Accelerate
+        # (which would step it once per process).
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.inner_optimizer = optimizer
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.best_auc = -1.0
+        self.nonfinite_steps = 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------------------------------
+    def _checked_index(self) -> DataIndex:
+        d = self.cfg.data
+        from .data.check import cached_check
+
+        cache_dir = Path(self.cfg.output.root) / ".data-check"
+        with self.acc.main_process_first():  # main checks and caches; the others read the cache
+            report = cached_check(Path(d.root), d.labels_csv, cache_dir) if d.check_cache else None
+            if report is None:
+                from .data.check import check_data
+
+                report = check_data(Path(d.root), d.labels_csv)
+        index = train_index(d.root, d.labels_csv, d.limit)
+        fatal = [p for p in report.problems if p.fatal and not p.kind.startswith("test-")]
+        if fatal:
+            row_level = [p for p in fatal if p.path_or_name not in report.bad_names]
+            if d.on_bad_file == "error" or row_level:
+                raise UserError(
+                    f"data check of {d.root} found {len(fatal)} problem(s):\n"
+                    + "\n".join(f"  - {p.message}" for p in fatal[:20])
+                    + ("\n  ..." if len(fatal) > 20 else "")
+                    + "\nFix them, or set data.on_bad_file=skip to train without the bad images."
+                )
+            keep = [i for i, n in enumerate(index.names) if n not in report.bad_names]
+            if self.is_main:
+                for p in fatal:
+                    print(f"[data] skipping {p.path_or_name}: {p.message}", file=sys.stderr)
+            index = index.subset(keep)
+        return index
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = [None] * self.shard.world
+        if self.shard.world > 1:
+            dist.all_gather_object(rng, rng_state(), group=self._stop.group)
+        else:
+            rng = [rng_state()]
+        scaler = getattr(self.acc, "scaler", None)
+        return {
+            "model": self.raw_model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "optimizer": self.inner_optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_auc": self.best_auc,
+            "nonfinite_steps": self.nonfinite_steps,
+            "world_size": self.shard.world,
+            "global_batch": self.global_batch,
+            "config": to_dict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.inner_optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        scaler = getattr(self.acc, "scaler", None)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.best_auc = state["global_step"], state["best_auc"]
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        if state.get("global_batch") != self.global_batch:
+            raise UserError(
+                f"the checkpoint was trained with global batch {state.get('global_batch')}, this run has "
+                f"{self.global_batch}: resume with the same batch_size x processes x grad_accum"
+            )
+        if state["world_size"] == self.shard.world:
+            set_rng_state(state["rng"][self.shard.rank])
+
+    def save(self, is_best: bool = False) -> None:
+        state = self.state_dict()  # collective (RNG states): every rank takes part
+        if self.is_main:
+            self.ckpt.save(state, self.global_step, is_best=is_best)
+        self.acc.wait_for_everyone()
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loader=None, model: nn.Module | None = None) -> EvalResult:
+        """Score every sample of the loader's split exactly once, across all ranks."""
+        loader = loader or self.val_loader
+        model = model or (self.ema.module if self.ema else self.raw_model)
+        was_training = model.training
+        model.eval()
+        idx, logits, labels = [], [], []
+        for batch in loader.iter_epoch(0):
+            with self.acc.autocast():
+                out = model(batch.images).float().squeeze(1)
+            idx.append(batch.index)
+            logits.append(out)
+            labels.append(batch.labels)
+        model.train(was_training)
+        return gather_unique(self.acc, torch.cat(idx), torch.cat(logits), torch.cat(labels))
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.cfg
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        state = self.ckpt.load(cfg.resume)
+        if state is not None:
+            self.load_state_dict(state)
+            self.log(f"resumed from {self.ckpt.resolve(cfg.resume)} at epoch {self.epoch} step {self.global_step}")
+        self._stop = _StopFlag(self.shard.world)
+        writer = MetricsWriter(self.run_dir, cfg.output.tensorboard) if self.is_main else None
+        self.log(
+            f"global batch {self.global_batch} = {cfg.data.batch_size} per device x {self.shard.world} "
+            f"processes x {cfg.train.grad_accum} accumulation; peak lr {self.peak_lr:g}; "
+            f"{self.steps_per_epoch} steps/epoch; train {len(self.train_idx)} val {len(self.val_idx)} images; "
+            f"device {self.device}; backend {cfg.data.backend}; precision {cfg.train.mixed_precision}"
+        )
+        try:
+            with ProfilerWindow(cfg.profile, self.run_dir / "profile", self.shard.rank) as prof:
+                while self.epoch < cfg.train.epochs:
+                    t_epoch = time.perf_counter()
+                    finished = self._train_epoch(writer, prof)
+                    if not finished:
+                        break
+                    val = self.evaluate().metrics()
+                    val["perf/epoch_time_s"] = time.perf_counter() - t_epoch
+                    is_best = val["val/auc"] > self.best_auc or self.best_auc < 0
+                    if is_best:
+                        self.best_auc = val["val/auc"]
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                    if writer:
+                        writer.log(self.global_step, self.epoch, val)
+                        writer.flush()
+                    self.history.append({"epoch": self.epoch, **val})
+                    self.log(
+                        f"epoch {self.epoch}/{cfg.train.epochs}: val/auc {val['val/auc']:.4f} "
+                        f"val/loss {val['val/loss']:.4f} (n={val['val/n']}) in {val['perf/epoch_time_s']:.1f}s"
+                    )
+                    self.save(is_best=is_best)
+                    if self._max_steps_reached():
+                        break
+        finally:
+            self._stop.restore()
+            if writer:
+                writer.close()
+        return {"best_auc": self.best_auc, "global_step": self.global_step, "epoch": self.epoch, "history": self.history}
+
+    def _max_steps_reached(self) -> bool:
+        return bool(self.cfg.train.max_steps) and self.global_step >= self.cfg.train.max_steps
+
+    def _train_epoch(self, writer: MetricsWriter | None, prof: ProfilerWindow) -> bool:
+        """Train from (epoch, step_in_epoch) to the end of the epoch. False if stopped early."""
+        cfg, acc = self.cfg, self.acc
+        accum = cfg.train.grad_accum
+        model = self.model
+        model.train()
+        it = iter(self.train_loader.iter_epoch(self.epoch, start_step=self.step_in_epoch * accum))
+        timer = StepTimer()
+        loss_sum = torch.zeros((), device=self.device)
+        gnorm_sum = torch.zeros((), device=self.device)
+        nonfinite = torch.zeros((), device=self.device)
+        interval_steps = 0
+        max_norm = cfg.train.clip_grad_norm if cfg.train.clip_grad_norm > 0 else float("inf")
+        smooth = cfg.train.label_smoothing
+        # fp16's GradScaler skips non-finite steps itself; otherwise the fused optimizer does.
+        use_found_inf = getattr(acc, "scaler", None) is None
+        while self.step_in_epoch < self.steps_per_epoch:
+            for micro in range(accum):
+                timer.data_start()
+                with record_function("data"):
+                    batch = next(it)
+                timer.data_end()
+                # Gradients are all-reduced only on the last micro-step of an optimizer step.
+                sync = micro == accum - 1
+                ctx = contextlib.nullcontext() if sync else acc.no_sync(model)
+                with ctx:
+                    with record_function("forward"), acc.autocast():
+                        logits = model(batch.images).float().squeeze(1)
+                        target = batch.labels * (1 - smooth) + 0.5 * smooth
+                        loss = F.binary_cross_entropy_with_logits(logits, target)
+                    with record_function("backward"):
+                        acc.backward(loss / accum)
+                loss_sum += loss.detach()
+            with record_function("optimizer"):
+                gnorm = acc.clip_grad_norm_(model.parameters(), max_norm)
+                gnorm = gnorm.detach().float() if torch.is_tensor(gnorm) else torch.tensor(float(gnorm))
+                bad = (~torch.isfinite(gnorm)).float()
+                if use_found_inf:
+                    self.inner_optimizer.found_inf = bad
+                    self.inner_optimizer.grad_scale = None
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema:
+                    self.ema.update(self.raw_model)
+            nonfinite += bad
+            gnorm_sum += torch.where(bad > 0, torch.zeros_like(gnorm), gnorm)
+            self.global_step += 1
+            self.step_in_epoch += 1
+            interval_steps += 1
+            timer.step_done(cfg.data.batch_size * accum)
+            prof.step()
+
+            last_of_epoch = self.step_in_epoch == self.steps_per_epoch
+            if self.global_step % cfg.train.log_every == 0 or last_of_epoch:
+                self._log_interval(writer, timer, loss_sum, gnorm_sum, nonfinite, interval_steps)
+                loss_sum.zero_(), gnorm_sum.zero_(), nonfinite.zero_()
+                interval_steps = 0
+            stop = self._stop.agreed()
+            every = cfg.checkpoint.every_steps
+            if stop or (every and self.global_step % every == 0 and not last_of_epoch):
+                self.save()
+            if stop:
+                self.log(f"{self._stop.signal_name or 'signal'} received: saved at step {self.global_step}, exiting")
+                raise Preempted(self.global_step)
+            if self._max_steps_reached():
+                return last_of_epoch
+        return True
+
+    def _log_interval(self, writer, timer, loss_sum, gnorm_sum, nonfinite, n) -> None:
+        """The interval's one device sync: reduce across ranks, read, log."""
+        acc = self.acc
+        packed = torch.stack([loss_sum / (n * self.cfg.train.grad_accum), gnorm_sum, nonfinite])
+        packed = acc.reduce(packed, reduction="mean")
+        loss, gsum, bad = packed.tolist()  # <- the sync
+        bad_steps = int(round(bad))
+        good = max(n - bad_steps, 1)
+        perf = timer.read(self.shard.world)
+        metrics = {
+            "train/loss": loss,
+            "train/lr": self.scheduler.get_last_lr()[-1],
+            "train/grad_norm": gsum / good,
+            "perf/max_mem_bytes": float(max_memory_bytes(self.device)),
+            **perf,
+        }
+        if bad_steps:
+            self.nonfinite_steps += bad_steps
+            metrics["train/nonfinite_steps"] = float(self.nonfinite_steps)
+            if self.cfg.train.nonfinite == "stop":
+                raise NonFiniteError(
+                    f"non-finite loss or gradients at step {self.global_step} (within the last {n} steps); "
+                    f"the update was not applied and {self.ckpt.last} still holds the last good state. "
+                    "Lower optim.lr, use train.mixed_precision=bf16 instead of fp16, or set train.nonfinite=skip"
+                )
+            self.log(f"skipped {bad_steps} step(s) with non-finite gradients (total {self.nonfinite_steps})")
+        if writer:
+            writer.log(self.global_step, self.epoch + 1, metrics)
+        self.log(
+            f"epoch {self.epoch + 1} step {self.step_in_epoch}/{self.steps_per_epoch} (global {self.global_step}): "
+            f"loss {loss:.4f} lr {metrics['train/lr']:.3g} {perf['perf/img_per_s']:.1f} img/s "
+            f"data-wait {100 * perf['perf/data_wait_frac']:.0f}%"
+        )
