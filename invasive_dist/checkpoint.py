@@ -65,8 +65,10 @@ def load_checkpoint(path: Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
     except Exception as e:
-        raise UserError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); it may be "
-                        "truncated or from another program; delete it to fall back to an older one") from None
+        raise UserError(
+            f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); it may be "
+            "truncated or from another program; delete it to fall back to an older one"
+        ) from None
 
 
 class Checkpointer:

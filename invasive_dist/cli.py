@@ -34,7 +34,11 @@ def cmd_synth(args) -> int:
     from .data.synth import synthesize
 
     summary = synthesize(
-        Path(args.out), n_train=args.n_train, n_test=args.n_test, size=args.size, seed=args.seed,
+        Path(args.out),
+        n_train=args.n_train,
+        n_test=args.n_test,
+        size=args.size,
+        seed=args.seed,
         workers=args.workers,
     )
     print(f"wrote {summary} to {args.out}")
@@ -74,7 +78,9 @@ def cmd_train(args) -> int:
     trainer = Trainer(cfg, acc, world)
     result = trainer.fit()
     if acc.is_main_process:
-        print(f"best val/auc {result['best_auc']:.4f} after {result['epoch']} epoch(s); run directory {cfg.run_dir}")
+        print(
+            f"best val/auc {result['best_auc']:.4f} after {result['epoch']} epoch(s); run directory {cfg.run_dir}"
+        )
     return 0
 
 
@@ -86,9 +92,39 @@ def cmd_predict(args) -> int:
     cfg = load_run_config(Path(args.run), args.overrides)
     acc, _ = _accelerator(cfg)
     assert isinstance(acc, Accelerator)
-    out = predict_run(Path(args.run), Path(args.data), acc, Path(args.out) if args.out else None, tuple(args.overrides))
+    out = predict_run(
+        Path(args.run), Path(args.data), acc, Path(args.out) if args.out else None, tuple(args.overrides)
+    )
     if acc.is_main_process:
         print(f"wrote {out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .metrics import read_metrics
+
+    run = Path(args.run)
+    rows = read_metrics(run)
+    val = [r for r in rows if "val/auc" in r]
+    if not val:
+        raise UserError(f"{run}/metrics.jsonl has no validation results: is {run} a finished training run?")
+    best = max(val, key=lambda r: r["val/auc"])
+    perf = [r["perf/img_per_s"] for r in rows if "perf/img_per_s" in r]
+    print(f"run            {run}")
+    print(f"val/auc        {best['val/auc']:.4f} (best, epoch {best['epoch']}; last {val[-1]['val/auc']:.4f})")
+    print(f"val/n          {int(best['val/n'])} images")
+    if perf:
+        print(f"train img/s    {sorted(perf)[len(perf) // 2]:.1f} (median over log intervals)")
+    for label, rel in [
+        ("config", "config.yaml"),
+        ("metrics", "metrics.jsonl"),
+        ("tensorboard", "tb"),
+        ("checkpoints", "checkpoints"),
+        ("submission", "submission.csv"),
+    ]:
+        path = run / rel
+        print(f"{label:<14} {path}{'' if path.exists() else '  (missing)'}")
+    print(f"view curves:   tensorboard --logdir {run / 'tb'}")
     return 0
 
 
@@ -127,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="submission path (default RUN/submission.csv)")
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. predict.tta=dihedral")
     s.set_defaults(fn=cmd_predict)
+    s = sub.add_parser("report", help="summarize a finished run: val AUC and where its outputs are")
+    s.add_argument("--run", required=True)
+    s.set_defaults(fn=cmd_report)
     return p
 
 

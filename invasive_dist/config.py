@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -38,6 +38,7 @@ class DataConfig:
     vflip: bool = True  # train: random vertical flip (the photos have no canonical "up")
     rot90: bool = False  # train: random 90 degree rotations
     batch_size: int = 32  # per-device micro-batch
+    global_batch_size: int = 0  # if set: batch_size = this / (processes x grad_accum), must divide
     eval_batch_size: int = 0  # per-device batch for validation/prediction (0 = 2 x batch_size)
     num_workers: int = 2  # torch backend: decoding worker processes per rank
     on_bad_file: Literal["error", "skip"] = "error"  # bad images: refuse to train, or exclude them
@@ -45,12 +46,13 @@ class DataConfig:
     dali_hw_decoder_load: float = 0.9  # dali: share of JPEG decoding on the hardware decoder
     dali_threads: int = 4  # dali: CPU threads per pipeline
     cache_short_side: int = 0  # gpu_cache: stored image shorter side (0 = image_size/scale bound)
+    pseudo_csv: str = ""  # name,invasive rows of test/ images added to the training folds only
 
 
 @dataclass
 class ModelConfig:
     arch: str = "resnet18"  # any torchvision classification model name (resnet18 ... resnet152, ...)
-    weights: Optional[str] = None  # None, "imagenet" (torchvision weights API) or a state-dict file
+    weights: str | None = None  # None, "imagenet" (torchvision weights API) or a state-dict file
     channels_last: bool = True  # NHWC memory format on GPU (ignored on CPU)
 
 
@@ -79,6 +81,10 @@ class TrainConfig:
     clip_grad_norm: float = 0.0  # clip the global gradient norm (0 = measure only)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm when world_size > 1
     ema_decay: float = 0.0  # exponential moving average of the weights (0 = off)
+    mixup_alpha: float = 0.0  # mixup Beta(alpha, alpha) (0 = off)
+    cutmix_alpha: float = 0.0  # cutmix Beta(alpha, alpha) (0 = off); with both, each batch picks one
+    mix_prob: float = 1.0  # probability that a batch is mixed when mixup/cutmix is on
+    early_stop_patience: int = 0  # stop after N epochs without a better val/auc (0 = off)
     nonfinite: Literal["skip", "stop"] = "stop"  # non-finite loss/grad: skip the step or stop
     log_every: int = 10  # optimizer steps between metric reductions and log lines
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = run all epochs)
@@ -299,6 +305,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         problems.append(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     if not 0.0 <= t.label_smoothing < 1.0:
         problems.append(f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+    if t.mixup_alpha < 0 or t.cutmix_alpha < 0 or not 0 <= t.mix_prob <= 1:
+        problems.append("train.mixup_alpha/cutmix_alpha must be >= 0 and train.mix_prob in [0, 1]")
     if cfg.optim.lr <= 0:
         problems.append(f"optim.lr={cfg.optim.lr} must be > 0")
     if len(cfg.optim.betas) != 2:

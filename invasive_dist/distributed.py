@@ -12,9 +12,9 @@ backend is NCCL on GPUs and gloo on CPU unless ``dist.backend`` says otherwise.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping
 
 import torch
 

@@ -50,7 +50,9 @@ def _imagenet_weights(arch: str):
     try:
         return torchvision.models.get_model_weights(arch).DEFAULT
     except (ValueError, KeyError, AttributeError):
-        raise UserError(f"model.weights=imagenet: torchvision has no pretrained weights for {arch!r}") from None
+        raise UserError(
+            f"model.weights=imagenet: torchvision has no pretrained weights for {arch!r}"
+        ) from None
 
 
 def build_model(cfg_model) -> nn.Module:
@@ -78,7 +80,9 @@ def build_model(cfg_model) -> nn.Module:
     if weights:
         path = Path(weights)
         if not path.is_file():
-            raise UserError(f"model.weights={weights!r}: no such file (use null, 'imagenet' or a state-dict path)")
+            raise UserError(
+                f"model.weights={weights!r}: no such file (use null, 'imagenet' or a state-dict path)"
+            )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:

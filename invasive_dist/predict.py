@@ -1,19 +1,35 @@
-"""Prediction: a trained run (or several) -> Kaggle ``submission.csv``.
+"""Prediction: a trained run, or a cross-validation directory of fold runs -> Kaggle ``submission.csv``.
 
-    invasive-dist predict --run runs/demo --data data/synthetic            # runs/demo/submission.csv
+    invasive-dist predict --run runs/demo --data data/synthetic               # runs/demo/submission.csv
+    invasive-dist predict --run runs/r50 --data /data/invasive predict.tta=dihedral    # r50 = CV dir
     torchrun --nproc_per_node=8 -m invasive_dist predict --run runs/r50 --data /data/invasive
 
-The run's resolved ``config.yaml`` rebuilds the model and the evaluation transform; the ``best``
-checkpoint is loaded (its EMA weights when the run kept them). Test images are sharded across ranks,
-every image is scored exactly once, and the main process writes the submission atomically, in the
-sample submission's order and with its names. ``predict.tta`` averages the probabilities of several
-views (flips, or the 8 dihedral views: flips x 90 degree rotations), built on the device.
+``--run`` is either one training run (it holds ``config.yaml`` and ``checkpoints/``) or a CV
+directory written by ``invasive-dist cv`` (it holds ``fold<k>/`` runs). Each run's resolved
+``config.yaml`` rebuilds its model and evaluation transform; the ``best`` checkpoint is loaded (its
+EMA weights when the run kept them). Test images are sharded across ranks, every image is scored
+exactly once, and the main process writes the submission atomically, in the sample submission's
+order and with its names.
+
+Test-time augmentation (``predict.tta``): ``flips`` averages 4 views (identity, h, v, h+v),
+``dihedral`` the 8 views of the square (4 rotations x optional mirror). The views of a batch are
+concatenated and scored in one forward pass on the device, so a dihedral pass of an eval batch of 64
+is one forward of 512 images: lower ``data.eval_batch_size`` if that does not fit.
+
+Fold ensembles (``predict.ensemble``): ``mean`` averages the members' probabilities; ``rank_mean``
+averages their ranks scaled to [0, 1], which ignores differences in calibration between members
+(the AUC only depends on the order). A CV directory also gets ``submission_folds.csv`` next to the
+submission: one probability column per fold, for inspection or later re-weighting.
+:func:`ensemble_files` averages finished submission files the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +39,69 @@ import torch
 from .checkpoint import Checkpointer, load_checkpoint
 from .config import Config, load_config
 from .data import Shard, build_loader
-from .data.kaggle import DataIndex, test_index
+from .data.kaggle import DataIndex, read_csv_text, test_index
 from .errors import UserError
 from .models import build_model
+
+FOLD_DIR_RE = re.compile(r"^fold(\d+)$")
+ENSEMBLE_METHODS = ("mean", "rank_mean")
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs and CV directories
+
+
+def fold_dirs(cv_dir: Path) -> list[Path]:
+    """``fold<k>`` sub-directories of ``cv_dir`` that hold a run (config.yaml), sorted by k."""
+    cv_dir = Path(cv_dir)
+    if not cv_dir.is_dir():
+        return []
+    found = [
+        p
+        for p in cv_dir.iterdir()
+        if p.is_dir() and FOLD_DIR_RE.match(p.name) and (p / "config.yaml").is_file()
+    ]
+    return sorted(found, key=lambda p: int(FOLD_DIR_RE.match(p.name).group(1)))
+
+
+def is_cv_dir(path: Path) -> bool:
+    """A CV directory holds ``fold<k>/config.yaml`` runs and is not itself a run."""
+    path = Path(path)
+    return not (path / "config.yaml").is_file() and bool(fold_dirs(path))
+
+
+def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The resolved config of a run; for a CV directory, that of its first fold."""
+    run_dir = Path(run_dir)
+    if is_cv_dir(run_dir):
+        run_dir = fold_dirs(run_dir)[0]
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(
+            f"{run_dir} is not a training run: {path} is missing (and it holds no fold<k>/ runs "
+            "of a CV directory)"
+        )
+    return load_config(path, ["resume=''", *overrides])
+
+
+def load_model_for_inference(cfg: Config, run_dir: Path, which: str) -> torch.nn.Module:
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints")
+    path = ckpt.best if which == "best" else ckpt.last
+    if not path.is_file():
+        raise UserError(
+            f"{path} does not exist: train the run first (invasive-dist train / cv), or use "
+            "predict.checkpoint=last"
+        )
+    state = load_checkpoint(path)
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.weights = None  # everything comes from the checkpoint; never download here
+    model = build_model(model_cfg)
+    model.load_state_dict(state["ema"] if state.get("ema") else state["model"])
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Test-time augmentation
 
 
 def tta_views(images: torch.Tensor, mode: str) -> list[torch.Tensor]:
@@ -43,82 +119,179 @@ def tta_views(images: torch.Tensor, mode: str) -> list[torch.Tensor]:
     raise UserError(f"predict.tta={mode!r} is not one of none, flips, dihedral")
 
 
-def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a training run: {path} is missing")
-    return load_config(path, ["resume=''", *overrides])
+@torch.no_grad()
+def tta_probs(
+    model, images: torch.Tensor, mode: str, channels_last: bool = False, autocast=None
+) -> torch.Tensor:
+    """Mean sigmoid probability over the TTA views of a batch, all views in one forward pass.
 
-
-def load_model_for_inference(cfg: Config, run_dir: Path, which: str) -> torch.nn.Module:
-    ckpt = Checkpointer(Path(run_dir) / "checkpoints")
-    path = ckpt.best if which == "best" else ckpt.last
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: train the run first (invasive-dist train), or use "
-                        "predict.checkpoint=last")
-    state = load_checkpoint(path)
-    model_cfg = copy.deepcopy(cfg.model)
-    model_cfg.weights = None  # everything comes from the checkpoint; never download here
-    model = build_model(model_cfg)
-    model.load_state_dict(state["ema"] if state.get("ema") else state["model"])
-    return model.eval()
+    ``autocast`` is a context-manager factory (e.g. ``accelerator.autocast``); None runs in the
+    model's own precision. Returns a float32 (B,) tensor on the images' device."""
+    views = tta_views(images, mode)
+    if mode == "dihedral" and images.shape[-1] != images.shape[-2]:
+        # Rotated views of a non-square batch do not stack; score them one by one.
+        outs = [tta_probs(model, v, "none", channels_last, autocast) for v in views]
+        return torch.stack(outs).mean(0)
+    x = torch.cat(views) if len(views) > 1 else images
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ctx = autocast() if autocast is not None else contextlib.nullcontext()
+    with ctx:
+        logits = model(x).reshape(len(views), images.shape[0])
+    # float64: float32 rounds sigmoid(z) to exactly 1.0 for z > 17, and confident models produce
+    # such logits; the ties that makes would cost AUC (the metric only sees the order).
+    return torch.sigmoid(logits.double()).mean(0)
 
 
 @torch.no_grad()
-def predict_logits(model, loader, acc, tta: str, channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, mean probability over views), every sample once, on every rank."""
+def predict_probs(model, loader, acc, tta: str, channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, mean probability over TTA views) for every sample of the loader's split,
+    each exactly once, identical on every rank."""
     from .train import gather_unique
 
     idx, probs, labels = [], [], []
     for batch in loader.iter_epoch(0):
-        acc_p = torch.zeros(batch.images.shape[0], device=batch.images.device)
-        views = tta_views(batch.images, tta)
-        for v in views:
-            if channels_last:
-                v = v.contiguous(memory_format=torch.channels_last)
-            with acc.autocast():
-                acc_p += torch.sigmoid(model(v).float().squeeze(1))
+        probs.append(tta_probs(model, batch.images, tta, channels_last, acc.autocast))
         idx.append(batch.index)
-        probs.append(acc_p / len(views))
         labels.append(batch.labels)
     res = gather_unique(acc, torch.cat(idx), torch.cat(probs), torch.cat(labels))
     return res.index, res.logits  # the "logits" column holds probabilities here
 
 
-def write_submission(names: list[str], probs: np.ndarray, out: Path) -> None:
+predict_logits = predict_probs  # the earlier name
+
+
+# ----------------------------------------------------------------------------------------------
+# Ensembles
+
+
+def _scaled_ranks(p: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank) mapped to [0, 1]; 0.5 for a single sample."""
+    n = len(p)
+    if n == 1:
+        return np.array([0.5])
+    ranks = pd.Series(p).rank(method="average").to_numpy()
+    return (ranks - 1.0) / (n - 1.0)
+
+
+def combine(probs: np.ndarray, how: str) -> np.ndarray:
+    """Combine a (members, samples) matrix of probabilities into one (samples,) vector."""
+    probs = np.atleast_2d(np.asarray(probs, dtype=np.float64))
+    if how == "mean":
+        return probs.mean(0)
+    if how == "rank_mean":
+        return np.mean([_scaled_ranks(p) for p in probs], axis=0)
+    raise UserError(f"predict.ensemble={how!r} is not one of {', '.join(ENSEMBLE_METHODS)}")
+
+
+def ensemble_files(paths: Sequence[str | Path], how: str = "mean") -> pd.DataFrame:
+    """Average submission CSVs (name,invasive) into one DataFrame, by ``mean`` or ``rank_mean``.
+
+    Every file must list the same names in the same order as the first; a file that does not is a
+    UserError naming it and the first row that differs."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise UserError("ensemble: no submission files given")
+    frames = [read_csv_text(p) for p in paths]
+    names = list(frames[0]["name"])
+    cols = []
+    for path, df in zip(paths, frames):
+        other = list(df["name"])
+        if other != names:
+            if len(other) != len(names):
+                why = f"has {len(other)} rows, {paths[0]} has {len(names)}"
+            else:
+                row = next(i for i, (a, b) in enumerate(zip(names, other)) if a != b)
+                why = f"row {row + 2} is {other[row]!r} where {paths[0]} has {names[row]!r}"
+            raise UserError(
+                f"{path}: names differ from {paths[0]} ({why}); every file must list the sample "
+                "submission's names in its order"
+            )
+        try:
+            values = df["invasive"].astype(np.float64).to_numpy()
+        except ValueError:
+            raise UserError(f"{path}: column 'invasive' holds values that are not numbers") from None
+        if not np.isfinite(values).all():
+            raise UserError(f"{path}: column 'invasive' holds NaN or infinite values")
+        cols.append(values)
+    return pd.DataFrame({"name": names, "invasive": combine(np.stack(cols), how)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Predicting the test set
+
+
+def write_submission(names: list[str], probs: np.ndarray, out: Path, extra: dict | None = None) -> None:
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    pd.DataFrame({"name": names, "invasive": np.clip(probs, 0.0, 1.0)}).to_csv(tmp, index=False)
+    df = pd.DataFrame({"name": names, "invasive": np.clip(probs, 0.0, 1.0)})
+    for k, v in (extra or {}).items():
+        df[k] = v
+    df.to_csv(tmp, index=False)
     os.replace(tmp, out)
 
 
-def predict_run(
-    run_dir: Path, data_root: Path, acc, out: Path | None = None, overrides: tuple[str, ...] = ()
-) -> Path | None:
-    """Predict the test set of ``data_root`` with one run; returns the submission path (main only)."""
-    cfg = load_run_config(run_dir, overrides)
-    cfg.data.root = str(data_root)
-    index: DataIndex = test_index(data_root)
+def _checked_test_index(data_root: Path) -> DataIndex:
+    index = test_index(data_root)
     missing = [p for p in index.paths if not p.is_file()]
     if missing:
         raise UserError(
             f"{len(missing)} test image(s) listed in {data_root}/sample_submission.csv are missing, "
             f"e.g. {missing[0]}; run `invasive-dist check-data --data {data_root}`"
         )
+    return index
+
+
+def predict_member(
+    run_dir: Path, index: DataIndex, acc, cfg: Config, checkpoint: str | None = None
+) -> np.ndarray:
+    """Probabilities of one run for every image of ``index`` (in index order), on every rank."""
     device = acc.device
     channels_last = cfg.model.channels_last and device.type == "cuda"
-    model = load_model_for_inference(cfg, run_dir, cfg.predict.checkpoint).to(device)
+    model = load_model_for_inference(cfg, run_dir, checkpoint or cfg.predict.checkpoint).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    shard = Shard(acc.process_index, acc.num_processes)
-    if cfg.data.backend in ("synthetic",):
+    if cfg.data.backend == "synthetic":
         raise UserError("data.backend=synthetic produces random tensors; predict needs a real backend")
+    shard = Shard(acc.process_index, acc.num_processes)
     loader = build_loader(index, cfg, shard, device, train=False, channels_last=channels_last)
-    positions, probs = predict_logits(model, loader, acc, cfg.predict.tta, channels_last)
+    positions, probs = predict_probs(model, loader, acc, cfg.predict.tta, channels_last)
     if len(positions) != len(index) or not np.array_equal(positions, np.arange(len(index))):
-        raise RuntimeError(f"prediction covered {len(positions)} of {len(index)} test images")  # a bug
-    out = Path(out) if out else Path(run_dir) / "submission.csv"
+        raise RuntimeError(f"prediction covered {len(positions)} of {len(index)} images")  # a bug
+    del model
+    return probs
+
+
+def predict_run(
+    run_dir: Path, data_root: Path, acc, out: Path | None = None, overrides: tuple[str, ...] = ()
+) -> Path:
+    """Predict the test set of ``data_root`` with one run or every fold of a CV directory.
+
+    Returns the submission path (``RUN/submission.csv`` unless ``out``); the main process writes it."""
+    run_dir, data_root = Path(run_dir), Path(data_root)
+    members = fold_dirs(run_dir) if is_cv_dir(run_dir) else [run_dir]
+    cfgs = [load_run_config(m, overrides) for m in members]
+    for c in cfgs:
+        c.data.root = str(data_root)
+    how = cfgs[0].predict.ensemble
+    index = _checked_test_index(data_root)
+    probs = []
+    for member, cfg in zip(members, cfgs):
+        p = predict_member(member, index, acc, cfg)
+        probs.append(p)
+        if len(members) > 1 and acc.is_main_process:
+            print(f"predicted {len(p)} test images with {member} (tta {cfg.predict.tta})", flush=True)
+    final = combine(np.stack(probs), how) if len(probs) > 1 else probs[0]
+    out = Path(out) if out else run_dir / "submission.csv"
     if acc.is_main_process:
-        write_submission(index.names, probs, out)
+        write_submission(index.names, final, out)
+        if len(members) > 1:
+            write_submission(
+                index.names,
+                final,
+                out.with_name(f"{out.stem}_folds.csv"),
+                extra={m.name: p for m, p in zip(members, probs)},
+            )
     acc.wait_for_everyone()
     return out

@@ -38,7 +38,9 @@ class ProfilerWindow:
                 activities.append(ProfilerActivity.CUDA)
             self._prof = profile(
                 activities=activities,
-                schedule=schedule(wait=self.cfg.wait, warmup=self.cfg.warmup, active=self.cfg.active, repeat=1),
+                schedule=schedule(
+                    wait=self.cfg.wait, warmup=self.cfg.warmup, active=self.cfg.active, repeat=1
+                ),
                 on_trace_ready=self._on_trace_ready,
                 record_shapes=False,
                 with_stack=False,

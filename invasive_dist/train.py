@@ -40,9 +40,10 @@ from torch.profiler import record_function
 from .checkpoint import Checkpointer
 from .config import Config, save_config, to_dict
 from .data import Shard, build_loader
-from .data.kaggle import DataIndex, split, train_index
+from .data.kaggle import DataIndex, pseudo_index, split, train_index
 from .distributed import WorldInfo
 from .errors import UserError
+from .faults import Faults
 from .metrics import MetricsWriter, StepTimer, max_memory_bytes, roc_auc
 from .models import build_model, head_name
 from .profiling import ProfilerWindow
@@ -68,7 +69,11 @@ class EvalResult:
 
     def metrics(self, prefix: str = "val") -> dict[str, float]:
         loss = float(np.mean(np.logaddexp(0, self.logits) - self.labels * self.logits))
-        return {f"{prefix}/loss": loss, f"{prefix}/auc": roc_auc(self.labels, self.logits), f"{prefix}/n": len(self.index)}
+        return {
+            f"{prefix}/loss": loss,
+            f"{prefix}/auc": roc_auc(self.labels, self.logits),
+            f"{prefix}/n": len(self.index),
+        }
 
 
 def gather_unique(acc, index: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> EvalResult:
@@ -108,7 +113,9 @@ def param_groups(model: nn.Module, cfg: Config, lr: float) -> list[dict]:
     out = []
     for (is_head, decay), params in sorted(groups.items()):
         mult = 1.0 if is_head else cfg.optim.backbone_lr_mult
-        out.append({"params": params, "lr": lr * mult, "weight_decay": cfg.optim.weight_decay if decay else 0.0})
+        out.append(
+            {"params": params, "lr": lr * mult, "weight_decay": cfg.optim.weight_decay if decay else 0.0}
+        )
     return out
 
 
@@ -116,7 +123,9 @@ def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Opt
     groups = param_groups(model, cfg, lr)
     o = cfg.optim
     if o.name == "sgd":
-        opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, fused=True)
+        opt = torch.optim.SGD(
+            groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, fused=True
+        )
         # Fused SGD skips its update when found_inf is set, but would create the momentum buffer
         # from uninitialised memory on a skipped first step: create the buffers up front.
         if o.momentum > 0:
@@ -198,14 +207,57 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def _die_while_saving(state: dict, ckpt: Checkpointer, step: int) -> None:
+    """Fault injection: start writing the checkpoint like Checkpointer.save, die halfway."""
+    import os
+
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        f.flush()
+        f.truncate(f.tell() // 2)
+        os._exit(13)
+
+    torch.save = dying_save
+    ckpt.save(state, step)
+
+
+class Mixer:
+    """Mixup / CutMix on the device. Randomness comes from a host generator seeded by
+    (seed, rank, micro-step), so no device sync and an exact replay after a resume."""
+
+    def __init__(self, mixup: float, cutmix: float, prob: float, seed: int, rank: int) -> None:
+        self.mixup, self.cutmix, self.prob, self.seed, self.rank = mixup, cutmix, prob, seed, rank
+
+    def __call__(self, images: torch.Tensor, target: torch.Tensor, micro_step: int):
+        rng = np.random.default_rng([self.seed, self.rank, micro_step, 0x313])
+        if rng.random() >= self.prob:
+            return images, target
+        use_cutmix = self.cutmix > 0 and (self.mixup == 0 or rng.random() < 0.5)
+        lam = float(rng.beta(*(2 * [self.cutmix if use_cutmix else self.mixup])))
+        perm = torch.from_numpy(rng.permutation(images.shape[0])).to(images.device)
+        if use_cutmix:
+            h, w = images.shape[-2:]
+            ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+            cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+            images = images.clone()
+            images[..., y0:y1, x0:x1] = images[perm][..., y0:y1, x0:x1]
+            lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+        else:
+            images = images * lam + images[perm] * (1 - lam)
+        return images, target * lam + target[perm] * (1 - lam)
+
+
 class Trainer:
-    def __init__(self, cfg: Config, accelerator, world: WorldInfo, on_bad=None) -> None:
+    def __init__(self, cfg: Config, accelerator, world: WorldInfo) -> None:
         self.cfg, self.acc, self.world = cfg, accelerator, world
         self.device = accelerator.device
         self.is_main = accelerator.is_main_process
         self.run_dir = cfg.run_dir
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
-        torch.manual_seed(cfg.seed)  # same initial weights on every rank
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         if cfg.train.deterministic:
@@ -214,9 +266,22 @@ class Trainer:
         d = cfg.data
         full = self._checked_index()
         self.train_idx, self.val_idx = split(full, d.n_folds, d.fold, cfg.seed)
+        if d.pseudo_csv:
+            # Pseudo-labelled test images join the training folds, never the validation fold.
+            self.train_idx = self.train_idx.concat(pseudo_index(Path(d.root), Path(d.pseudo_csv)))
         self.shard = Shard(accelerator.process_index, accelerator.num_processes)
+        if d.global_batch_size:
+            per = self.shard.world * cfg.train.grad_accum
+            if d.global_batch_size % per:
+                raise UserError(
+                    f"data.global_batch_size={d.global_batch_size} is not divisible by {self.shard.world} "
+                    f"processes x train.grad_accum={cfg.train.grad_accum}; choose a multiple of {per}"
+                )
+            d.batch_size = d.global_batch_size // per
         self.channels_last = cfg.model.channels_last and self.device.type == "cuda"
-        self.train_loader = build_loader(self.train_idx, cfg, self.shard, self.device, True, self.channels_last)
+        self.train_loader = build_loader(
+            self.train_idx, cfg, self.shard, self.device, True, self.channels_last
+        )
         self.val_loader = build_loader(self.val_idx, cfg, self.shard, self.device, False, self.channels_last)
         accum = cfg.train.grad_accum
         self.steps_per_epoch = self.train_loader.steps_per_epoch // accum
@@ -226,13 +291,18 @@ class Trainer:
                 f"is larger than the {len(self.train_idx)} training images: lower the batch size"
             )
         self.global_batch = d.batch_size * self.shard.world * accum
-        lr = cfg.optim.lr * (self.global_batch / cfg.optim.base_batch if cfg.optim.lr_scaling == "linear" else 1.0)
+        lr = cfg.optim.lr * (
+            self.global_batch / cfg.optim.base_batch if cfg.optim.lr_scaling == "linear" else 1.0
+        )
         self.peak_lr = lr
 
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
         model = build_model(cfg.model)
         if cfg.train.sync_bn and self.shard.world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        model = model.to(
+            self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format
+        )
         self.raw_model = model
         self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         optimizer = build_optimizer(model, cfg, lr)
@@ -248,6 +318,17 @@ class Trainer:
         if cfg.train.compile:
             self.model = torch.compile(self.model)
 
+        self.faults = Faults(self.shard.rank)
+        t = cfg.train
+        self.mixer = (
+            Mixer(t.mixup_alpha, t.cutmix_alpha, t.mix_prob, cfg.seed, self.shard.rank)
+            if (t.mixup_alpha > 0 or t.cutmix_alpha > 0)
+            else None
+        )
+        self.epochs_without_improvement = 0
+        self._max_norm = cfg.train.clip_grad_norm if cfg.train.clip_grad_norm > 0 else float("inf")
+        # fp16's GradScaler skips non-finite steps itself; otherwise the fused optimizer does.
+        self._use_found_inf = getattr(accelerator, "scaler", None) is None
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -309,6 +390,7 @@ class Trainer:
             "global_step": self.global_step,
             "best_auc": self.best_auc,
             "nonfinite_steps": self.nonfinite_steps,
+            "epochs_without_improvement": self.epochs_without_improvement,
             "world_size": self.shard.world,
             "global_batch": self.global_batch,
             "config": to_dict(self.cfg),
@@ -326,6 +408,7 @@ class Trainer:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_auc = state["global_step"], state["best_auc"]
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        self.epochs_without_improvement = state.get("epochs_without_improvement", 0)
         if state.get("global_batch") != self.global_batch:
             raise UserError(
                 f"the checkpoint was trained with global batch {state.get('global_batch')}, this run has "
@@ -337,6 +420,8 @@ class Trainer:
     def save(self, is_best: bool = False) -> None:
         state = self.state_dict()  # collective (RNG states): every rank takes part
         if self.is_main:
+            if self.faults.save_crash(self.global_step):
+                _die_while_saving(state, self.ckpt, self.global_step)
             self.ckpt.save(state, self.global_step, is_best=is_best)
         self.acc.wait_for_everyone()
 
@@ -364,10 +449,16 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        state = self.ckpt.load(cfg.resume)
+        resume = cfg.resume
+        if not resume and (self.world.restart_count or self.world.slurm_restart_count):
+            # torchrun --max-restarts restarted the workers, or Slurm requeued the job: carry on.
+            resume = "auto"
+        state = self.ckpt.load(resume)
         if state is not None:
             self.load_state_dict(state)
-            self.log(f"resumed from {self.ckpt.resolve(cfg.resume)} at epoch {self.epoch} step {self.global_step}")
+            self.log(
+                f"resumed from {self.ckpt.resolve(resume)} at epoch {self.epoch} step {self.global_step}"
+            )
         self._stop = _StopFlag(self.shard.world)
         writer = MetricsWriter(self.run_dir, cfg.output.tensorboard) if self.is_main else None
         self.log(
@@ -381,13 +472,17 @@ class Trainer:
                 while self.epoch < cfg.train.epochs:
                     t_epoch = time.perf_counter()
                     finished = self._train_epoch(writer, prof)
-                    if not finished:
+                    if not finished:  # train.max_steps reached inside the epoch
+                        self.save()
                         break
                     val = self.evaluate().metrics()
                     val["perf/epoch_time_s"] = time.perf_counter() - t_epoch
                     is_best = val["val/auc"] > self.best_auc or self.best_auc < 0
                     if is_best:
                         self.best_auc = val["val/auc"]
+                        self.epochs_without_improvement = 0
+                    else:
+                        self.epochs_without_improvement += 1
                     self.epoch += 1
                     self.step_in_epoch = 0
                     if writer:
@@ -401,60 +496,84 @@ class Trainer:
                     self.save(is_best=is_best)
                     if self._max_steps_reached():
                         break
+                    patience = cfg.train.early_stop_patience
+                    if patience and self.epochs_without_improvement >= patience:
+                        self.log(f"early stop: val/auc has not improved for {patience} epoch(s)")
+                        break
         finally:
             self._stop.restore()
             if writer:
                 writer.close()
-        return {"best_auc": self.best_auc, "global_step": self.global_step, "epoch": self.epoch, "history": self.history}
+        return {
+            "best_auc": self.best_auc,
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "history": self.history,
+        }
 
     def _max_steps_reached(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.global_step >= self.cfg.train.max_steps
 
+    def train_step(self, next_batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step over ``grad_accum`` micro-batches drawn with ``next_batch()``.
+
+        Returns (mean loss, gradient norm, non-finite flag) as device tensors; nothing here waits
+        on the device. Gradients are all-reduced only on the last micro-step."""
+        cfg, acc, model = self.cfg, self.acc, self.model
+        accum = cfg.train.grad_accum
+        smooth = cfg.train.label_smoothing
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            with record_function("data"):
+                batch = next_batch()
+            ctx = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(model)
+            with ctx:
+                images, target = batch.images, batch.labels * (1 - smooth) + 0.5 * smooth
+                if self.mixer is not None:
+                    images, target = self.mixer(images, target, self.global_step * accum + micro)
+                with record_function("forward"), acc.autocast():
+                    logits = model(images).float().squeeze(1)
+                    loss = F.binary_cross_entropy_with_logits(logits, target)
+                    if self.faults:
+                        loss = loss * self.faults.loss_factor(self.global_step + 1)
+                with record_function("backward"):
+                    acc.backward(loss / accum)
+            loss_sum += loss.detach()
+        with record_function("optimizer"):
+            gnorm = acc.clip_grad_norm_(model.parameters(), self._max_norm)
+            gnorm = gnorm.detach().float() if torch.is_tensor(gnorm) else torch.tensor(float(gnorm))
+            bad = (~torch.isfinite(gnorm)).float()
+            if self._use_found_inf:
+                self.inner_optimizer.found_inf = bad
+                self.inner_optimizer.grad_scale = None
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema:
+                self.ema.update(self.raw_model)
+        return loss_sum / accum, gnorm, bad
+
     def _train_epoch(self, writer: MetricsWriter | None, prof: ProfilerWindow) -> bool:
         """Train from (epoch, step_in_epoch) to the end of the epoch. False if stopped early."""
-        cfg, acc = self.cfg, self.acc
+        cfg = self.cfg
         accum = cfg.train.grad_accum
-        model = self.model
-        model.train()
+        self.model.train()
         it = iter(self.train_loader.iter_epoch(self.epoch, start_step=self.step_in_epoch * accum))
         timer = StepTimer()
+
+        def next_batch():
+            timer.data_start()
+            batch = next(it)
+            timer.data_end()
+            return batch
+
         loss_sum = torch.zeros((), device=self.device)
         gnorm_sum = torch.zeros((), device=self.device)
         nonfinite = torch.zeros((), device=self.device)
         interval_steps = 0
-        max_norm = cfg.train.clip_grad_norm if cfg.train.clip_grad_norm > 0 else float("inf")
-        smooth = cfg.train.label_smoothing
-        # fp16's GradScaler skips non-finite steps itself; otherwise the fused optimizer does.
-        use_found_inf = getattr(acc, "scaler", None) is None
         while self.step_in_epoch < self.steps_per_epoch:
-            for micro in range(accum):
-                timer.data_start()
-                with record_function("data"):
-                    batch = next(it)
-                timer.data_end()
-                # Gradients are all-reduced only on the last micro-step of an optimizer step.
-                sync = micro == accum - 1
-                ctx = contextlib.nullcontext() if sync else acc.no_sync(model)
-                with ctx:
-                    with record_function("forward"), acc.autocast():
-                        logits = model(batch.images).float().squeeze(1)
-                        target = batch.labels * (1 - smooth) + 0.5 * smooth
-                        loss = F.binary_cross_entropy_with_logits(logits, target)
-                    with record_function("backward"):
-                        acc.backward(loss / accum)
-                loss_sum += loss.detach()
-            with record_function("optimizer"):
-                gnorm = acc.clip_grad_norm_(model.parameters(), max_norm)
-                gnorm = gnorm.detach().float() if torch.is_tensor(gnorm) else torch.tensor(float(gnorm))
-                bad = (~torch.isfinite(gnorm)).float()
-                if use_found_inf:
-                    self.inner_optimizer.found_inf = bad
-                    self.inner_optimizer.grad_scale = None
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.ema:
-                    self.ema.update(self.raw_model)
+            loss, gnorm, bad = self.train_step(next_batch)
+            loss_sum += loss
             nonfinite += bad
             gnorm_sum += torch.where(bad > 0, torch.zeros_like(gnorm), gnorm)
             self.global_step += 1
@@ -462,6 +581,8 @@ class Trainer:
             interval_steps += 1
             timer.step_done(cfg.data.batch_size * accum)
             prof.step()
+            if self.faults:
+                self.faults.after_step(self.global_step)
 
             last_of_epoch = self.step_in_epoch == self.steps_per_epoch
             if self.global_step % cfg.train.log_every == 0 or last_of_epoch:
@@ -473,7 +594,9 @@ class Trainer:
             if stop or (every and self.global_step % every == 0 and not last_of_epoch):
                 self.save()
             if stop:
-                self.log(f"{self._stop.signal_name or 'signal'} received: saved at step {self.global_step}, exiting")
+                self.log(
+                    f"{self._stop.signal_name or 'signal'} received: saved at step {self.global_step}, exiting"
+                )
                 raise Preempted(self.global_step)
             if self._max_steps_reached():
                 return last_of_epoch
@@ -482,7 +605,7 @@ class Trainer:
     def _log_interval(self, writer, timer, loss_sum, gnorm_sum, nonfinite, n) -> None:
         """The interval's one device sync: reduce across ranks, read, log."""
         acc = self.acc
-        packed = torch.stack([loss_sum / (n * self.cfg.train.grad_accum), gnorm_sum, nonfinite])
+        packed = torch.stack([loss_sum / n, gnorm_sum, nonfinite])
         packed = acc.reduce(packed, reduction="mean")
         loss, gsum, bad = packed.tolist()  # <- the sync
         bad_steps = int(round(bad))

@@ -1,0 +1,179 @@
+"""The torch backend: torchvision JPEG decoding in DataLoader workers, uint8 to the device,
+normalization there (timm's prefetcher idea without the side stream).
+
+Augmentation randomness comes from per-sample seeds (``base.sample_seeds``), never from worker
+RNG state, so a batch is a pure function of (seed, epoch, rank, step): the same with 0 or 8
+workers, and the same after a resume.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image
+
+from ..errors import UserError
+from .base import (
+    Batch,
+    Shard,
+    eval_plan,
+    eval_resize_size,
+    normalize_on_device,
+    sample_seeds,
+    train_plan,
+    train_steps,
+)
+from .kaggle import DataIndex
+
+
+def decode_rgb(path: Path) -> torch.Tensor:
+    """Read and decode an image file to uint8 (3, H, W), EXIF orientation applied.
+
+    Any failure becomes a UserError that names the file."""
+    try:
+        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+    except FileNotFoundError:
+        raise UserError(f"{path}: image file is missing (run `invasive-dist check-data`)") from None
+    if data.numel() == 0:
+        raise UserError(f"{path}: image file is empty (run `invasive-dist check-data`)")
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError as e:
+        raise UserError(
+            f"{path}: cannot decode image ({str(e).splitlines()[0]}); "
+            "run `invasive-dist check-data` or set data.on_bad_file=skip"
+        ) from None
+
+
+def random_resized_crop_params(
+    h: int, w: int, scale_min: float, rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """(top, left, height, width) as torchvision's RandomResizedCrop draws them
+    (area in [scale_min, 1], log-uniform aspect in [3/4, 4/3], 10 tries then a center crop)."""
+    area = h * w
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    for _ in range(10):
+        target = area * rng.uniform(scale_min, 1.0)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        cw = int(round(math.sqrt(target * ratio)))
+        ch = int(round(math.sqrt(target / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    side = min(h, w)
+    return (h - side) // 2, (w - side) // 2, side, side
+
+
+def train_transform(
+    img: torch.Tensor, size: int, scale_min: float, hflip: bool, vflip: bool, rot90: bool, seed: int
+) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    top, left, ch, cw = random_resized_crop_params(img.shape[1], img.shape[2], scale_min, rng)
+    out = TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
+    if hflip and rng.random() < 0.5:
+        out = out.flip(-1)
+    if vflip and rng.random() < 0.5:
+        out = out.flip(-2)
+    if rot90:
+        k = int(rng.integers(0, 4))
+        if k:
+            out = torch.rot90(out, k, dims=(-2, -1))
+    return out.contiguous()
+
+
+def eval_transform(img: torch.Tensor, size: int, crop_pct: float) -> torch.Tensor:
+    out = TF.resize(img, eval_resize_size(size, crop_pct), antialias=True)
+    return TF.center_crop(out, [size, size]).contiguous()
+
+
+class _ImageDataset(Dataset):
+    """Item = (position, augmentation seed or -1 for the eval transform)."""
+
+    def __init__(self, index: DataIndex, cfg_data) -> None:
+        self.paths = index.paths
+        self.labels = index.labels
+        self.d = cfg_data
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, int]):
+        pos, seed = item
+        img = decode_rgb(self.paths[pos])
+        d = self.d
+        if seed < 0:
+            img = eval_transform(img, d.image_size, d.eval_crop_pct)
+        else:
+            img = train_transform(img, d.image_size, d.scale_min, d.hflip, d.vflip, d.rot90, seed)
+        return img, int(self.labels[pos]), pos
+
+
+def _collate(items):
+    imgs, labels, pos = zip(*items)
+    return torch.stack(imgs), torch.tensor(labels, dtype=torch.float32), torch.tensor(pos)
+
+
+class TorchLoader:
+    """One split, one rank: ``iter_epoch`` yields device batches in the plan's order."""
+
+    def __init__(
+        self,
+        index: DataIndex,
+        cfg_data,
+        shard: Shard,
+        device: torch.device,
+        train: bool,
+        seed: int,
+        channels_last: bool = False,
+    ) -> None:
+        self.index, self.d, self.shard, self.device = index, cfg_data, shard, device
+        self.train, self.seed, self.channels_last = train, seed, channels_last
+        self.batch = cfg_data.batch_size if train else (cfg_data.eval_batch_size or 2 * cfg_data.batch_size)
+        self.dataset = _ImageDataset(index, cfg_data)
+        if train:
+            self.steps_per_epoch = train_steps(len(index), self.batch, shard)
+        else:
+            self.steps_per_epoch = len(eval_plan(len(index), self.batch, shard))
+
+    def _plan(self, epoch: int) -> list[list[tuple[int, int]]]:
+        if not self.train:
+            return [
+                [(int(p), -1) for p in step] for step in eval_plan(len(self.index), self.batch, self.shard)
+            ]
+        plan = train_plan(len(self.index), self.batch, self.shard, self.seed, epoch)
+        steps = []
+        for s, positions in enumerate(plan):
+            # The seed of a sample depends on its slot, so a sample drawn twice (wrap padding)
+            # gets two different augmentations.
+            slots = positions.astype(np.int64) + np.int64(len(self.index)) * (
+                s * self.batch + np.arange(len(positions))
+            )
+            seeds = sample_seeds(self.seed, epoch, self.shard.rank, slots)
+            steps.append([(int(p), int(sd)) for p, sd in zip(positions, seeds)])
+        return steps
+
+    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        plan = self._plan(epoch)[start_step:]
+        if not plan:
+            return
+        workers = self.d.num_workers
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=plan,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+        )
+        for imgs, labels, pos in loader:
+            yield Batch(
+                images=normalize_on_device(imgs, self.device, self.channels_last),
+                labels=labels.to(self.device, non_blocking=True),
+                index=pos.to(self.device, non_blocking=True),
+            )

@@ -1,0 +1,107 @@
+"""End to end in one process: train -> checkpoints/metrics/TensorBoard -> predict -> submission,
+resume from `last`, and bit-exact resume on CPU."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from invasive_dist.cli import main
+from invasive_dist.metrics import read_metrics
+
+from ..conftest import FAST_TRAIN
+
+REQUIRED_TRAIN_TAGS = {"train/loss", "train/lr", "train/grad_norm", "perf/img_per_s"}
+REQUIRED_VAL_TAGS = {"val/loss", "val/auc", "val/n"}
+
+
+def train(tmp_path, data, name, *extra):
+    rc = main(["train", *FAST_TRAIN, f"data.root={data}", f"output.root={tmp_path}", f"output.name={name}", *extra])
+    return rc, tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    rc, run = train(tmp, tiny_data, "run")
+    assert rc == 0
+    return run
+
+
+def test_outputs(trained, tiny_data):
+    run = trained
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["data"]["root"] == str(tiny_data) and cfg["train"]["epochs"] == 2
+    rows = read_metrics(run)
+    tags = set().union(*(r.keys() for r in rows))
+    assert REQUIRED_TRAIN_TAGS | REQUIRED_VAL_TAGS <= tags
+    val = [r for r in rows if "val/auc" in r]
+    assert [r["epoch"] for r in val] == [1, 2]
+    n_val = 64 // 4
+    assert all(r["val/n"] == n_val for r in val)
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()
+    assert REQUIRED_TRAIN_TAGS | REQUIRED_VAL_TAGS <= set(ea.Tags()["scalars"])
+
+
+@pytest.mark.parametrize("tta", ["none", "dihedral"])
+def test_predict_submission_format(trained, tiny_data, tmp_path, tta):
+    out = tmp_path / f"sub-{tta}.csv"
+    assert main(["predict", "--run", str(trained), "--data", str(tiny_data), "--out", str(out), f"predict.tta={tta}"]) == 0
+    sub = pd.read_csv(out, dtype={"name": str})
+    sample = pd.read_csv(tiny_data / "sample_submission.csv", dtype={"name": str})
+    assert list(sub.columns) == ["name", "invasive"]
+    assert list(sub["name"]) == list(sample["name"])
+    assert sub["invasive"].between(0, 1).all()
+    assert sub["invasive"].nunique() > 1  # a real model, not a constant
+
+
+def test_predict_without_run_is_user_error(tmp_path, tiny_data, capsys):
+    assert main(["predict", "--run", str(tmp_path), "--data", str(tiny_data)]) == 2
+    assert "config.yaml" in capsys.readouterr().err
+
+
+def test_resume_continues_epoch_count(tmp_path, tiny_data, capsys):
+    rc, run = train(tmp_path, tiny_data, "r", "train.epochs=1")
+    assert rc == 0
+    rc, run = train(tmp_path, tiny_data, "r", "train.epochs=2", "resume=auto")
+    assert rc == 0
+    assert "resumed from" in capsys.readouterr().out
+    val = [r for r in read_metrics(run) if "val/auc" in r]
+    assert [r["epoch"] for r in val] == [1, 2]
+    steps = [r["step"] for r in read_metrics(run) if "train/loss" in r]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)  # no step trained twice
+
+
+def test_exact_resume_mid_epoch(tmp_path, tiny_data):
+    """Stopped at step 3 (mid-epoch 1) and resumed, a run ends with the same weights, bit for bit."""
+    extra = ["train.epochs=2", "data.num_workers=1", "train.ema_decay=0.9"]
+    assert train(tmp_path, tiny_data, "full", *extra)[0] == 0
+    assert train(tmp_path, tiny_data, "cut", *extra, "train.max_steps=3")[0] == 0
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 3, 3)
+    assert train(tmp_path, tiny_data, "cut", *extra, "resume=auto")[0] == 0
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 12
+    for key in ("model", "ema"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs after resume"
+    va = [r["val/auc"] for r in read_metrics(tmp_path / "full") if "val/auc" in r]
+    vb = [r["val/auc"] for r in read_metrics(tmp_path / "cut") if "val/auc" in r]
+    assert va == vb
+
+
+def test_bad_config_key_fails_before_work(tmp_path, tiny_data, capsys):
+    rc, run = train(tmp_path, tiny_data, "bad", "train.epochz=1")
+    assert rc == 2
+    assert "train.epochz" in capsys.readouterr().err
+    assert not run.exists()

@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+
+from invasive_dist.metrics import MetricsWriter, StepTimer, read_metrics, roc_auc
+
+
+def brute_auc(labels, scores):
+    pos = scores[labels == 1]
+    neg = scores[labels == 0]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return wins / (len(pos) * len(neg))
+
+
+def test_auc_known_values():
+    assert roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    assert roc_auc(np.array([0, 1]), np.array([0.2, 0.9])) == 1.0
+    assert roc_auc(np.array([0, 1]), np.array([0.9, 0.2])) == 0.0
+    assert roc_auc(np.array([0, 1, 0, 1]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+    assert np.isnan(roc_auc(np.array([1, 1]), np.array([0.1, 0.2])))
+
+
+def test_auc_matches_pairwise_definition_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        labels = (rng.random(200) < 0.6).astype(int)
+        scores = np.round(rng.random(200) + labels * 0.3, 1)  # many ties
+        assert roc_auc(labels, scores) == pytest.approx(brute_auc(labels, scores))
+
+
+def test_writer_jsonl_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    w = MetricsWriter(tmp_path)
+    w.log(1, 1, {"train/loss": 0.5, "val/auc": 0.9})
+    w.log(2, 1, {"train/loss": 0.25})
+    w.close()
+    rows = read_metrics(tmp_path)
+    assert rows == [
+        {"step": 1, "epoch": 1, "train/loss": 0.5, "val/auc": 0.9},
+        {"step": 2, "epoch": 1, "train/loss": 0.25},
+    ]
+    json.dumps(rows)
+    ea = EventAccumulator(str(tmp_path / "tb"))
+    ea.Reload()
+    assert set(ea.Tags()["scalars"]) == {"train/loss", "val/auc"}
+    assert [e.value for e in ea.Scalars("train/loss")] == [0.5, 0.25]
+
+
+def test_step_timer_accounts_data_wait():
+    import time
+
+    t = StepTimer()
+    for _ in range(3):
+        t.data_start()
+        time.sleep(0.02)
+        t.data_end()
+        time.sleep(0.01)
+        t.step_done(8)
+    m = t.read(world_size=2)
+    assert 0.5 < m["perf/data_wait_frac"] < 0.9
+    assert m["perf/img_per_s"] == pytest.approx(2 * m["perf/img_per_s_per_device"])
+    assert m["perf/world_size"] == 2
