@@ -41,7 +41,7 @@ def cmd_synth(args) -> int:
         seed=args.seed,
         workers=args.workers,
     )
-    print(f"wrote {summary} to {args.out}")
+    print(summary.format())
     return 0
 
 

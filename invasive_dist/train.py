@@ -236,7 +236,10 @@ class Mixer:
             return images, target
         use_cutmix = self.cutmix > 0 and (self.mixup == 0 or rng.random() < 0.5)
         lam = float(rng.beta(*(2 * [self.cutmix if use_cutmix else self.mixup])))
-        perm = torch.from_numpy(rng.permutation(images.shape[0])).to(images.device)
+        perm = torch.from_numpy(rng.permutation(images.shape[0]))
+        if images.device.type == "cuda":  # a pageable host-to-device copy would block the host
+            perm = perm.pin_memory()
+        perm = perm.to(images.device, non_blocking=True)
         if use_cutmix:
             h, w = images.shape[-2:]
             ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
@@ -338,31 +341,25 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _checked_index(self) -> DataIndex:
-        d = self.cfg.data
-        from .data.check import cached_check
+        """The labelled index after the data check (cached by file sizes and mtimes): refuse with
+        the list of problems, or with ``data.on_bad_file=skip`` leave the bad images out."""
+        from .data.check import cached_check, check_data
 
+        d = self.cfg.data
         cache_dir = Path(self.cfg.output.root) / ".data-check"
         with self.acc.main_process_first():  # main checks and caches; the others read the cache
-            report = cached_check(Path(d.root), d.labels_csv, cache_dir) if d.check_cache else None
-            if report is None:
-                from .data.check import check_data
-
+            if d.check_cache:
+                report = cached_check(Path(d.root), d.labels_csv, cache_dir)
+            else:
                 report = check_data(Path(d.root), d.labels_csv)
+        report.require("train", d.on_bad_file)
         index = train_index(d.root, d.labels_csv, d.limit)
-        fatal = [p for p in report.problems if p.fatal and not p.kind.startswith("test-")]
-        if fatal:
-            row_level = [p for p in fatal if p.path_or_name not in report.bad_names]
-            if d.on_bad_file == "error" or row_level:
-                raise UserError(
-                    f"data check of {d.root} found {len(fatal)} problem(s):\n"
-                    + "\n".join(f"  - {p.message}" for p in fatal[:20])
-                    + ("\n  ..." if len(fatal) > 20 else "")
-                    + "\nFix them, or set data.on_bad_file=skip to train without the bad images."
-                )
-            keep = [i for i, n in enumerate(index.names) if n not in report.bad_names]
+        keep = [i for i, n in enumerate(index.names) if n not in report.bad_names]
+        if len(keep) < len(index):
             if self.is_main:
-                for p in fatal:
-                    print(f"[data] skipping {p.path_or_name}: {p.message}", file=sys.stderr)
+                for p in report.problems:
+                    if p.fatal and p.path_or_name in report.bad_names:
+                        print(f"[data] data.on_bad_file=skip: leaving out {p.message}", file=sys.stderr)
             index = index.subset(keep)
         return index
 

@@ -79,11 +79,25 @@ def sample_seeds(seed: int, epoch: int, rank: int, positions: np.ndarray) -> np.
     return (base ^ (positions.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))) >> np.uint64(1)
 
 
+_MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalization constants, made once per device: building them from Python values on every
+    batch would be a blocking host-to-device copy, a device sync per step."""
+    device = torch.device(device)
+    if device not in _MEAN_STD:
+        _MEAN_STD[device] = (
+            torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1),
+        )
+    return _MEAN_STD[device]
+
+
 def normalize_on_device(images_u8: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     """uint8 (B,3,H,W) on host or device -> float32 normalized on ``device``."""
     x = images_u8.to(device, non_blocking=True).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean, std = _mean_std(device)
     x = x.sub_(mean).div_(std)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -9,8 +9,8 @@ workers, and the same after a resume.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -37,11 +37,12 @@ def decode_rgb(path: Path) -> torch.Tensor:
 
     Any failure becomes a UserError that names the file."""
     try:
-        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: image file is missing (run `invasive-dist check-data`)") from None
-    if data.numel() == 0:
+    if not raw:
         raise UserError(f"{path}: image file is empty (run `invasive-dist check-data`)")
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     try:
         return decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError as e:

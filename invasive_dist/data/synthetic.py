@@ -1,0 +1,60 @@
+"""The synthetic backend: random normalized images made on the device once, for measuring compute
+alone (``invasive-dist bench``, ``data.backend=synthetic``); nothing is read from disk.
+
+Batches follow the same plans as the torch backend (``base.train_plan`` / ``base.eval_plan``), so
+``steps_per_epoch``, the sample indices and the labels' shape are what a real backend yields; the
+images cycle through a pool of ``POOL`` pre-made batches (no work per step), and each sample index
+has a fixed random 0/1 label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .base import Batch, Shard, eval_plan, train_plan, train_steps
+from .kaggle import DataIndex
+
+POOL = 2  # distinct batches kept on the device; 2 x 256 x 3 x 224 x 224 float32 = 308 MB
+
+
+class SyntheticLoader:
+    def __init__(
+        self,
+        index: DataIndex,
+        cfg_data,
+        shard: Shard,
+        device: torch.device,
+        train: bool,
+        seed: int,
+        channels_last: bool = False,
+    ) -> None:
+        self.n, self.shard, self.device = len(index), shard, torch.device(device)
+        self.train, self.seed = train, seed
+        self.batch = cfg_data.batch_size if train else (cfg_data.eval_batch_size or 2 * cfg_data.batch_size)
+        if train:
+            self.steps_per_epoch = train_steps(self.n, self.batch, shard)
+        else:
+            self.plan = eval_plan(self.n, self.batch, shard)
+            self.steps_per_epoch = len(self.plan)
+        gen = torch.Generator().manual_seed(seed)
+        size = cfg_data.image_size
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.pool = [
+            torch.randn((self.batch, 3, size, size), generator=gen).to(self.device, memory_format=fmt)
+            for _ in range(POOL)
+        ]
+        self.labels = torch.randint(0, 2, (self.n,), generator=gen).float().to(self.device)
+
+    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        if self.train:
+            plan = train_plan(self.n, self.batch, self.shard, self.seed, epoch)
+            steps = list(torch.from_numpy(plan).to(self.device).unbind(0))
+        else:
+            flat = torch.from_numpy(np.concatenate(self.plan)).to(self.device)
+            steps = list(flat.split([len(p) for p in self.plan]))
+        for step in range(start_step, self.steps_per_epoch):
+            idx = steps[step]
+            yield Batch(images=self.pool[step % POOL][: idx.numel()], labels=self.labels[idx], index=idx)

@@ -1,0 +1,128 @@
+"""DALI ``mixed`` decoding and the gpu_cache backend on CUDA yield the same kind of batch as on CPU.
+
+Skipped without CUDA (and the DALI tests without nvidia.dali). Run on a GPU machine with
+``pytest -m gpu tests/integration/test_gpu_backends.py``. The eval tolerances against the CPU torch
+backend are wider than the CPU tests' one uint8 level: nvJPEG (and the hardware decoder) and the GPU
+resize kernels round differently from libjpeg-turbo and torchvision's CPU resize.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from invasive_dist.config import DataConfig
+from invasive_dist.data import dali_available
+from invasive_dist.data.base import Shard
+from invasive_dist.data.kaggle import DataIndex, train_index
+from invasive_dist.data.torch_backend import TorchLoader
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia.dali does not import")
+EVAL_MEAN_TOL = 0.05  # normalized units; 0.0174 is one uint8 level
+
+
+def cfg(**kw) -> DataConfig:
+    return DataConfig(image_size=64, batch_size=8, num_workers=0, dali_threads=2, **kw)
+
+
+def make(backend: str, *args, **kw):
+    if backend == "dali":
+        from invasive_dist.data.dali import DaliLoader
+
+        return DaliLoader(*args, **kw)
+    from invasive_dist.data.gpu_cache import GpuCacheLoader
+
+    return GpuCacheLoader(*args, **kw)
+
+
+BACKENDS = [pytest.param("dali", marks=needs_dali), "gpu_cache"]
+
+
+@pytest.fixture(scope="module")
+def index(tiny_data) -> DataIndex:
+    return train_index(tiny_data, limit=40)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [True, False])
+def test_cuda_batches_match_the_contract(index, backend, train):
+    dev = torch.device("cuda", torch.cuda.current_device())
+    world = 2
+    seen = []
+    for rank in range(world):
+        loader = make(backend, index, cfg(rot90=True), Shard(rank, world), dev, train, 0, channels_last=True)
+        batches = list(loader.iter_epoch(1))
+        assert len(batches) == loader.steps_per_epoch
+        for b in batches:
+            assert b.images.device == dev and b.labels.device == dev and b.index.device == dev
+            assert b.images.dtype == torch.float32 and b.images.shape[1:] == (3, 64, 64)
+            assert b.images.is_contiguous(memory_format=torch.channels_last)
+            assert b.labels.dtype == torch.float32 and b.index.dtype == torch.int64
+            assert torch.isfinite(b.images).all()
+            pos = b.index.cpu().numpy()
+            np.testing.assert_array_equal(b.labels.cpu().numpy(), index.labels[pos].astype(np.float32))
+            seen.append(pos)
+    np.testing.assert_array_equal(np.unique(np.concatenate(seen)), np.arange(len(index)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_eval_is_close_to_the_cpu_torch_backend(index, backend):
+    dev = torch.device("cuda", torch.cuda.current_device())
+    ref = list(TorchLoader(index, cfg(), Shard(), torch.device("cpu"), False, 0).iter_epoch(0))
+    got = list(make(backend, index, cfg(), Shard(), dev, False, 0).iter_epoch(0))
+    ref_images = torch.cat([b.images for b in ref])
+    got_images = torch.cat([b.images.cpu() for b in got])
+    assert torch.equal(torch.cat([b.index.cpu() for b in got]), torch.cat([b.index for b in ref]))
+    diff = (got_images - ref_images).abs()
+    print(
+        f"{backend} cuda vs torch cpu eval: mean {diff.mean():.4f}, p99 {diff.flatten().quantile(0.99):.4f}"
+    )
+    assert diff.mean() < EVAL_MEAN_TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_train_is_deterministic_and_resumable(index, backend):
+    dev = torch.device("cuda", torch.cuda.current_device())
+    loader = make(backend, index, cfg(), Shard(0, 1), dev, True, 0)
+    full = list(loader.iter_epoch(2))
+    tail = list(loader.iter_epoch(2, start_step=2))
+    for a, b in zip(full[2:], tail):
+        assert torch.equal(a.index, b.index)
+        torch.testing.assert_close(a.images, b.images)
+
+
+def test_gpu_cache_steps_do_not_sync_the_host(index):
+    dev = torch.device("cuda", torch.cuda.current_device())
+    from invasive_dist.data.gpu_cache import GpuCacheLoader
+
+    for train in (True, False):
+        loader = GpuCacheLoader(index, cfg(rot90=True), Shard(0, 1), dev, train, 0)
+        it = loader.iter_epoch(0)
+        next(it)  # the epoch's one plan upload happens before the first batch
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in it:
+                pass
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_gpu_cache_under_deterministic_algorithms(index):
+    """train.deterministic turns on torch.use_deterministic_algorithms; the crop kernel must still be
+    the fused one (torchvision's Python fallback would need terabytes for adaptive sampling)."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    from invasive_dist.data.gpu_cache import GpuCacheLoader
+
+    loader = GpuCacheLoader(index, cfg(), Shard(0, 1), dev, True, 0)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        a = [b.images for b in loader.iter_epoch(0)]
+        b = [b.images for b in loader.iter_epoch(0)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
