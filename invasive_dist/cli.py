@@ -158,11 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("predict", help="write submission.csv for a data folder's test images")
-    s.add_argument("--run", required=True, help="a training run directory")
+    s.add_argument("--run", required=True, help="a training run, or a CV directory (fold<k>/ runs of invasive-dist cv)")
     s.add_argument("--data", required=True, help="data folder with test/ and sample_submission.csv")
     s.add_argument("--out", default=None, help="submission path (default RUN/submission.csv)")
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. predict.tta=dihedral")
     s.set_defaults(fn=cmd_predict)
+    from . import analysis, bench, cv
+
+    cv.add_subcommand(sub)
+    analysis.add_subcommand(sub)
+    bench.add_subcommand(sub)
+
     s = sub.add_parser("report", help="summarize a finished run: val AUC and where its outputs are")
     s.add_argument("--run", required=True)
     s.set_defaults(fn=cmd_report)

@@ -232,14 +232,13 @@ def write_submission(names: list[str], probs: np.ndarray, out: Path, extra: dict
     os.replace(tmp, out)
 
 
-def _checked_test_index(data_root: Path) -> DataIndex:
+def _checked_test_index(data_root: Path, cache_dir: Path) -> DataIndex:
+    """The test images in submission order, after the data check: a missing, empty, truncated or
+    non-JPEG test image stops prediction with a message naming it (a submission must cover all)."""
+    from .data.check import cached_check
+
     index = test_index(data_root)
-    missing = [p for p in index.paths if not p.is_file()]
-    if missing:
-        raise UserError(
-            f"{len(missing)} test image(s) listed in {data_root}/sample_submission.csv are missing, "
-            f"e.g. {missing[0]}; run `invasive-dist check-data --data {data_root}`"
-        )
+    cached_check(Path(data_root), "train_labels.csv", cache_dir).require("predict")
     return index
 
 
@@ -275,7 +274,8 @@ def predict_run(
     for c in cfgs:
         c.data.root = str(data_root)
     how = cfgs[0].predict.ensemble
-    index = _checked_test_index(data_root)
+    with acc.main_process_first():  # main checks and caches; the others read the cache
+        index = _checked_test_index(data_root, Path(cfgs[0].output.root) / ".data-check")
     probs = []
     for member, cfg in zip(members, cfgs):
         p = predict_member(member, index, acc, cfg)

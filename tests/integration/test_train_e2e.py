@@ -105,3 +105,32 @@ def test_bad_config_key_fails_before_work(tmp_path, tiny_data, capsys):
     assert rc == 2
     assert "train.epochz" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_bad_image_refused_then_skipped(tmp_path, tiny_data, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    bad = data / "train" / "5.jpg"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated
+    rc, run = train(tmp_path, data, "refuse")
+    err = capsys.readouterr().err
+    assert rc == 2 and str(bad) in err and "on_bad_file=skip" in err
+    assert not (run / "checkpoints").exists()
+    rc, run = train(tmp_path, data, "skip", "data.on_bad_file=skip", "train.epochs=1")
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "leaving out" in err and str(bad) in err
+    val = [r for r in read_metrics(run) if "val/n" in r]
+    # 63 usable images; the validation fold of 4 holds 15 or 16 of them, never the bad one.
+    assert val and val[-1]["val/n"] in (15, 16)
+
+
+def test_predict_refuses_bad_test_image(trained, tiny_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    bad = data / "test" / "3.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    out = tmp_path / "sub.csv"
+    assert main(["predict", "--run", str(trained), "--data", str(data), "--out", str(out)]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert not out.exists()
