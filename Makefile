@@ -45,5 +45,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format invasive_dist tests
 	$(VENV)/bin/ruff check --fix invasive_dist tests
 
+gpu-check:
+	bash tests/gpu_check.sh
+
 clean-demo:
 	rm -rf runs/demo $(DEMO_DATA)

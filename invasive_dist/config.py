@@ -163,6 +163,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
     if origin is Literal:
+        if value is False and "no" in args:
+            value = "no"  # YAML 1.1 reads an unquoted `no` as false
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise UserError(f"{where}: {value!r} is not one of {choices}")

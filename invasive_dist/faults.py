@@ -5,8 +5,9 @@
     save_crash@4 the process dies in the middle of writing the checkpoint of step 4
     hang@3:1     rank 1 stops responding at step 3 (exercises dist.timeout_s)
 
-Steps are 1-based optimizer steps (``global_step`` after the step). Unset in normal use: reading
-one environment variable once is the whole cost.
+Steps are 1-based optimizer steps (``global_step`` after the step). Faults fire on the first attempt
+only (not after a torchrun restart or a Slurm requeue). Unset in normal use: reading one environment
+variable once is the whole cost.
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ def parse(text: str) -> list[Fault]:
 
 
 class Faults:
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, attempt: int = 0) -> None:
         self.rank = rank
-        self.faults = [f for f in parse(os.environ.get(ENV, "")) if f.rank in (None, rank)]
+        # Faults fire on the first attempt only: a worker restarted by torchrun (or a job requeued
+        # by Slurm) resumes before the fault's step and must get past it.
+        faults = parse(os.environ.get(ENV, "")) if attempt == 0 else []
+        self.faults = [f for f in faults if f.rank in (None, rank)]
 
     def __bool__(self) -> bool:
         return bool(self.faults)

@@ -45,15 +45,23 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
 class MetricsWriter:
     """JSONL + TensorBoard writer for the main process."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None) -> None:
+        """``resume_step``: the run resumed from a checkpoint of that step; rows logged after it
+        (by the interrupted attempt) are dropped, since those steps are trained again."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.is_file():
+            kept = [r for r in read_metrics(run_dir) if r["step"] <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
         self._f = open(self.path, "a", buffering=1)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge)
 
     def log(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         row = {"step": int(step), "epoch": int(epoch)}

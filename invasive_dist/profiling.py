@@ -5,13 +5,22 @@
             with record_function("data"): ...
             prof.step()
 
-``profile.wait`` steps are skipped, ``profile.warmup`` are recorded and discarded, ``profile.active``
-are kept and written to ``profile/rank<R>.<pid>.pt.trace.json``. Open it at https://ui.perfetto.dev
-(drag the file in) or in chrome://tracing. Ranks not in ``profile.ranks`` do nothing.
+Of the training steps, ``profile.wait`` are skipped (compilation, cuDNN autotuning and DataLoader
+start-up happen there), ``profile.warmup`` are recorded and discarded (the profiler's own start-up),
+``profile.active`` are kept and written, once, to ``profile/rank<R>.step<N>.pt.trace.json`` (N: the
+profiler's step count when the window closed). Only the ranks in ``profile.ranks`` record; the
+others pay nothing. A run that ends inside the window still writes what it recorded.
+
+The trace holds the host side (Python ops, the ``data``/``forward``/``backward``/``optimizer``
+ranges of ``Trainer.train_step``, one ``ProfilerStep#k`` range per step) and, on CUDA, the kernels
+and copies on the GPU's streams. Open it at https://ui.perfetto.dev (Open trace file) or
+chrome://tracing; summarise a folder of them with HolisticTraceAnalysis (see docs/observability.md).
+Exporting takes a few seconds on a GPU: the interval that contains it shows a lower img/s.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -30,6 +39,9 @@ class ProfilerWindow:
         path = self.out_dir / f"rank{self.rank}.step{prof.step_num}.pt.trace.json"
         prof.export_chrome_trace(str(path))
         self.trace_paths.append(path)
+        print(
+            f"[profile] rank {self.rank}: wrote {path} (open it at https://ui.perfetto.dev)", file=sys.stderr
+        )
 
     def __enter__(self) -> ProfilerWindow:
         if self.enabled:
@@ -42,6 +54,8 @@ class ProfilerWindow:
                     wait=self.cfg.wait, warmup=self.cfg.warmup, active=self.cfg.active, repeat=1
                 ),
                 on_trace_ready=self._on_trace_ready,
+                # Shapes and Python stacks make the trace several times larger and the window
+                # slower; the named ranges and kernels answer "where does a step's time go".
                 record_shapes=False,
                 with_stack=False,
             )
@@ -49,6 +63,7 @@ class ProfilerWindow:
         return self
 
     def step(self) -> None:
+        """Call once per optimizer step (after it was queued)."""
         if self._prof is not None:
             self._prof.step()
 

@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -183,10 +184,12 @@ def set_rng_state(state: dict) -> None:
 class _StopFlag:
     """Set by SIGTERM/SIGUSR1; ranks agree on it with an all-reduce on a gloo group."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, timeout_s: int) -> None:
         self.flag = False
         self.signal_name = ""
-        self.group = dist.new_group(backend="gloo") if world_size > 1 else None
+        # The group's own timeout: gloo's default (30 min) would let a hung peer hold the job.
+        timeout = timedelta(seconds=timeout_s)
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if world_size > 1 else None
         self._old = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self._old[sig] = signal.signal(sig, self._handle)
@@ -265,6 +268,8 @@ class Trainer:
         np.random.seed(cfg.seed % 2**32)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        elif torch.cuda.is_available():
+            torch.backends.cudnn.benchmark = True  # input shapes are fixed: pick the fastest kernels
 
         d = cfg.data
         full = self._checked_index()
@@ -321,7 +326,7 @@ class Trainer:
         if cfg.train.compile:
             self.model = torch.compile(self.model)
 
-        self.faults = Faults(self.shard.rank)
+        self.faults = Faults(self.shard.rank, attempt=world.restart_count + world.slurm_restart_count)
         t = cfg.train
         self.mixer = (
             Mixer(t.mixup_alpha, t.cutmix_alpha, t.mix_prob, cfg.seed, self.shard.rank)
@@ -427,6 +432,13 @@ class Trainer:
     def evaluate(self, loader=None, model: nn.Module | None = None) -> EvalResult:
         """Score every sample of the loader's split exactly once, across all ranks."""
         loader = loader or self.val_loader
+        if self.shard.world > 1:
+            # BatchNorm running statistics differ per rank after a step; the checkpoint holds rank
+            # 0's. Score that model everywhere (DDP broadcasts rank 0's buffers at the next forward
+            # anyway, so training is unaffected).
+            for module in (self.raw_model, self.ema.module if self.ema else None):
+                for b in module.buffers() if module is not None else ():
+                    dist.broadcast(b, src=0)
         model = model or (self.ema.module if self.ema else self.raw_model)
         was_training = model.training
         model.eval()
@@ -456,8 +468,13 @@ class Trainer:
             self.log(
                 f"resumed from {self.ckpt.resolve(resume)} at epoch {self.epoch} step {self.global_step}"
             )
-        self._stop = _StopFlag(self.shard.world)
-        writer = MetricsWriter(self.run_dir, cfg.output.tensorboard) if self.is_main else None
+        self._stop = _StopFlag(self.shard.world, cfg.dist.timeout_s)
+        writer = None
+        if self.is_main:
+            # After a resume, drop what was logged past the checkpoint: those steps are redone.
+            writer = MetricsWriter(
+                self.run_dir, cfg.output.tensorboard, resume_step=self.global_step if state else None
+            )
         self.log(
             f"global batch {self.global_batch} = {cfg.data.batch_size} per device x {self.shard.world} "
             f"processes x {cfg.train.grad_accum} accumulation; peak lr {self.peak_lr:g}; "
@@ -539,10 +556,13 @@ class Trainer:
         with record_function("optimizer"):
             gnorm = acc.clip_grad_norm_(model.parameters(), self._max_norm)
             gnorm = gnorm.detach().float() if torch.is_tensor(gnorm) else torch.tensor(float(gnorm))
-            bad = (~torch.isfinite(gnorm)).float()
             if self._use_found_inf:
+                bad = (~torch.isfinite(gnorm)).float()
                 self.inner_optimizer.found_inf = bad
                 self.inner_optimizer.grad_scale = None
+            else:
+                # fp16: GradScaler skips overflow steps and lowers its scale; routine, not a fault.
+                bad = torch.zeros((), device=self.device)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)

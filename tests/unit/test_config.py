@@ -112,3 +112,8 @@ def test_parse_override_yaml_values():
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+def test_unquoted_no_is_the_choice_no(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  mixed_precision: no\n"), ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"

@@ -1,0 +1,446 @@
+"""``invasive-dist bench``: is the training loop bound by the input pipeline or by the model?
+
+    invasive-dist bench --config configs/bench_r50.yaml --backend torch --backend dali
+    python -m invasive_dist.bench --config configs/bench_r50.yaml --backend gpu_cache   # the same
+    invasive-dist bench --config configs/bench_r50.yaml --backend dali \\
+        --backend dali:dali_hw_decoder_load=0.65 train.compile=true --out runs/bench-compiled
+
+In one process, on one device, with the config's model, resolution, batch, precision, memory format,
+``train.compile`` and data, it measures three rates in images per second on this device:
+
+    input   the loader alone: batches drawn across epochs, images on the device, nothing else done
+    model   ``Trainer.train_step`` fed from a pool of batches already on the device (no input cost)
+    e2e     ``Trainer.train_step`` fed by the loader, as in training
+
+Each is measured after ``--warmup`` steps (compilation, worker start-up, cuDNN/autotuning happen
+there) over ``--steps`` steps, between two device syncs and with none in between, like the training
+loop. The loop can beat neither ceiling, so ``e2e <= min(input, model)`` up to noise, and the smaller
+ceiling is what bounds it. ``e2e / min`` says how well the two overlap: near 1 they run concurrently
+(input on CPU workers or the GPU's JPEG engines while the SMs train); near ``serial / min`` (see
+``serial_img_per_s`` = 1 / (1/input + 1/model)) they take turns, e.g. when decoding and training
+share the same CPU cores, as on a CPU-only machine.
+
+``--backend`` may be given several times (one row each; ``model`` is measured once). A backend may
+carry ``data.*`` settings of its own: ``dali:dali_hw_decoder_load=1.0,dali_threads=8``. A backend
+that fails gets a row with its error and the others still run; the exit status is then 1.
+Results, settings and a hardware description go to ``bench.json`` in ``--out`` (default: the run
+directory, ``output.root/output.name``), rewritten after every row.
+
+Measured on one H100 80GB HBM3, ResNet-50, 224 px, bf16, channels_last, batch 256 (see
+../shared/device/README.md): model 3,975 img/s eager, 5,611 compiled; input: torch DataLoader with
+16 workers 315 img/s, DALI mixed decoding with hw_decoder_load=1.0 5,238 img/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from .config import Config, _set_dotted, config_from_dict, load_config, parse_override, to_dict
+from .data import BACKENDS, Batch, build_loader, resolve_backend
+from .errors import EXIT_USER_ERROR, UserError
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step: Callable[[], int], warmup: int, steps: int, device: torch.device) -> dict:
+    """Run ``step`` (returns the images it processed) ``warmup`` times, then ``steps`` times between
+    two device syncs; the window holds no other sync, so queued device work is counted once."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    images = 0
+    for _ in range(steps):
+        images += step()
+    _sync(device)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    return {
+        "img_per_s": images / max(seconds, 1e-9),
+        "seconds": seconds,
+        "steps": steps,
+        "images": images,
+        # CPU time of this process (all its threads; not DataLoader worker processes). Over
+        # seconds, it is the number of cores the process kept busy: about 1.0 on a GPU in a
+        # model-bound window means the Python thread launching kernels is the limit.
+        "cpu_seconds": cpu_seconds,
+    }
+
+
+def endless(loader) -> Iterator[Batch]:
+    """The loader's training batches epoch after epoch, as the training loop draws them (epoch
+    boundaries included: DataLoader workers restart and DALI pipelines are rebuilt there)."""
+    epoch = 0
+    while True:
+        n = 0
+        for batch in loader.iter_epoch(epoch):
+            n += 1
+            yield batch
+        if n == 0:
+            raise UserError("the loader yielded no batch in an epoch: is the training split empty?")
+        epoch += 1
+
+
+def batch_pool(n: int, batch: int, size: int, device: torch.device, channels_last: bool) -> list[Batch]:
+    """Batches as a loader yields them (float32 normalized images in the model's memory format,
+    0/1 labels, indices), made on the device once."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pool = []
+    for _ in range(n):
+        images = torch.randn(batch, 3, size, size, generator=g).to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, 2, (batch,), generator=g).float().to(device)
+        pool.append(Batch(images=images, labels=labels, index=torch.arange(batch, device=device)))
+    return pool
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend specs: "name" or "name:key=value,key=value" with data.* keys.
+
+
+def parse_backend(spec: str, cfg: Config) -> tuple[str, Config]:
+    """``"dali:dali_hw_decoder_load=1.0"`` -> ("dali", cfg with data.backend=dali and that setting)."""
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if name not in ("auto", *BACKENDS):
+        raise UserError(f"--backend {spec!r}: {name!r} is not one of auto, {', '.join(BACKENDS)}")
+    raw = to_dict(cfg)
+    raw["data"]["backend"] = name
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, value = parse_override(item)
+        key = key.removeprefix("data.")
+        _set_dotted(raw, f"data.{key}", value)
+    try:
+        return name, config_from_dict(raw, f"--backend {spec!r}")
+    except UserError as e:
+        raise UserError(
+            f"{e} (backend settings are data.* keys, e.g. dali:dali_hw_decoder_load=1.0)"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Hardware description.
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpu_driver() -> str:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def hardware(device: torch.device) -> dict:
+    """CPU, GPU and library versions: what a figure was measured on."""
+    import torchvision
+
+    try:
+        import nvidia.dali
+
+        dali = nvidia.dali.__version__
+    except Exception:
+        dali = None
+    info = {
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "dali": dali,
+        "device": str(device),
+        "gpu": None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=props.name,
+            gpu_memory_bytes=int(props.total_memory),
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_count=torch.cuda.device_count(),
+            gpu_driver=_gpu_driver(),
+        )
+    return info
+
+
+def describe_device(hw: dict) -> str:
+    if hw.get("gpu"):
+        return f"{hw['gpu']} ({hw['gpu_memory_bytes'] / 2**30:.0f} GiB)"
+    return f"CPU: {hw['cpu']} ({hw['cpu_cores_usable']} cores)"
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def verdict(input_rate: float, model_rate: float, e2e: float) -> dict:
+    """The bound (the smaller ceiling), e2e as a fraction of it, and the no-overlap reference."""
+    ceiling = min(input_rate, model_rate)
+    return {
+        "bound": "input" if input_rate < model_rate else "model",
+        "e2e_over_min": e2e / ceiling,
+        # If input and model took turns instead of overlapping, each image would cost both times.
+        "serial_img_per_s": 1.0 / (1.0 / input_rate + 1.0 / model_rate),
+    }
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        f"{'backend':<34} {'input':>9} {'model':>9} {'e2e':>9} {'e2e/min':>8}  bound (img/s on this device)"
+    ]
+    for r in result["rows"]:
+        if r.get("error"):
+            lines.append(f"{r['backend']:<34} {'FAILED':>9}  {r['error'][:200]}")
+            continue
+        note = "input pipeline" if r["bound"] == "input" else "model (training step)"
+        if r["e2e_over_min"] < 0.8:
+            note += f"; poor overlap (serial would be {_fmt(r['serial_img_per_s'])})"
+        lines.append(
+            f"{r['backend']:<34} {_fmt(r['input_img_per_s']):>9} {_fmt(r['model_img_per_s']):>9} "
+            f"{_fmt(r['e2e_img_per_s']):>9} {r['e2e_over_min']:>8.2f}  {note}"
+        )
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def measure_model(trainer, warmup: int, steps: int) -> dict:
+    """(b) ``trainer.train_step`` fed from a few batches made on the device once."""
+    d = trainer.cfg.data
+    pool = batch_pool(
+        min(4, steps + warmup), d.batch_size, d.image_size, trainer.device, trainer.channels_last
+    )
+    batches = itertools.cycle(pool)
+    per_step = d.batch_size * trainer.cfg.train.grad_accum
+
+    def step() -> int:
+        trainer.train_step(lambda: next(batches))
+        return per_step
+
+    return timed(step, warmup, steps, trainer.device)
+
+
+def measure_backend(trainer, cfg: Config, warmup: int, steps: int) -> dict:
+    """(a) the loader of ``cfg.data.backend`` alone and (c) ``trainer.train_step`` fed by it."""
+    device = trainer.device
+    t0 = time.perf_counter()
+    loader = build_loader(trainer.train_idx, cfg, trainer.shard, device, True, trainer.channels_last)
+    setup_s = time.perf_counter() - t0
+    per_step = cfg.data.batch_size * cfg.train.grad_accum
+
+    it = endless(loader)
+    try:
+        inp = timed(lambda: next(it).images.shape[0], warmup, steps, device)
+    finally:
+        it.close()  # stops DataLoader workers / DALI pipelines before the next measurement
+
+    # A fresh iteration, as an epoch of training starts one: worker start-up falls in the warm-up.
+    it2 = endless(loader)
+
+    def step() -> int:
+        trainer.train_step(lambda: next(it2))
+        return per_step
+
+    try:
+        e2e = timed(step, warmup, steps, device)
+    finally:
+        it2.close()
+    return {
+        "setup_s": setup_s,
+        "input_img_per_s": inp["img_per_s"],
+        "e2e_img_per_s": e2e["img_per_s"],
+        "input": inp,
+        "e2e": e2e,
+    }
+
+
+def run_bench(
+    cfg: Config,
+    backends: list[str] | None = None,
+    steps: int = 30,
+    warmup: int = 5,
+    out_dir: Path | None = None,
+    accelerator=None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Measure model once and (input, e2e) per backend; write and return the bench.json content."""
+    from .distributed import build_accelerator, world_info_from_env
+    from .train import Trainer
+
+    if steps < 1 or warmup < 0:
+        raise UserError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
+    world = world_info_from_env()
+    if world.world_size > 1:
+        raise UserError("bench measures one device in one process: run it with python, not torchrun")
+    specs = backends or [cfg.data.backend]
+    parsed = [parse_backend(s, cfg) for s in specs]  # config errors before any work
+    out_path = Path(out_dir or cfg.run_dir) / "bench.json"
+
+    # The model side is the Trainer's own train_step. It is built with the torch backend, whose
+    # loaders cost nothing until iterated; each benchmarked backend builds its own loader below.
+    raw = to_dict(cfg)
+    raw["data"]["backend"] = "torch"
+    model_cfg = config_from_dict(raw)
+    acc = accelerator or build_accelerator(model_cfg, world)
+    trainer = Trainer(model_cfg, acc, world)
+    trainer.model.train()
+    device = trainer.device
+    d, t = cfg.data, cfg.train
+    hw = hardware(device)
+    settings = {
+        "arch": cfg.model.arch,
+        "image_size": d.image_size,
+        "batch_size": d.batch_size,
+        "grad_accum": t.grad_accum,
+        "mixed_precision": t.mixed_precision,
+        "channels_last": trainer.channels_last,
+        "compile": t.compile,
+        "optimizer": cfg.optim.name,
+        "data_root": d.root,
+        "train_images": len(trainer.train_idx),
+        "num_workers": d.num_workers,
+        "dali_hw_decoder_load": d.dali_hw_decoder_load,
+        "dali_threads": d.dali_threads,
+        "steps": steps,
+        "warmup": warmup,
+        "world_size": 1,
+    }
+    result = {"settings": settings, "hardware": hw, "model_img_per_s": None, "rows": []}
+    log(
+        f"bench: {cfg.model.arch} {d.image_size}px batch {d.batch_size}x{t.grad_accum} "
+        f"precision {t.mixed_precision} channels_last {trainer.channels_last} compile {t.compile} "
+        f"on {describe_device(hw)}; {warmup} warm-up + {steps} measured steps each"
+    )
+
+    _write_json(out_path, result)  # settings and hardware even if the first measurement never ends
+
+    # (b) model: train_step on batches already on the device.
+    model = measure_model(trainer, warmup, steps)
+    result["model_img_per_s"] = model["img_per_s"]
+    result["model"] = model
+    log(f"  model (train_step on device-resident batches): {_fmt(model['img_per_s'])} img/s")
+    _write_json(out_path, result)
+
+    failed = 0
+    for spec, (name, bcfg) in zip(specs, parsed):
+        row: dict = {"backend": spec}
+        try:
+            row["resolved"] = resolve_backend(name)
+            row.update(measure_backend(trainer, bcfg, warmup, steps))
+            row.update(
+                model_img_per_s=model["img_per_s"],
+                **verdict(row["input_img_per_s"], model["img_per_s"], row["e2e_img_per_s"]),
+                error=None,
+            )
+            log(
+                f"  {spec}: input {_fmt(row['input_img_per_s'])} img/s, e2e {_fmt(row['e2e_img_per_s'])} "
+                f"img/s, e2e/min {row['e2e_over_min']:.2f}, bound: {row['bound']}"
+            )
+        except Exception as e:  # one backend failing must not hide the others' figures
+            failed += 1
+            first = (str(e).strip().splitlines() or [""])[0]
+            row["error"] = f"{type(e).__name__}: {first}"
+            log(f"  {spec}: FAILED: {row['error']}")
+            if not isinstance(e, UserError):
+                traceback.print_exc(file=sys.stderr)
+        finally:
+            gc.collect()  # the backend's loader, workers and device buffers go before the next one
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        result["rows"].append(row)
+        _write_json(out_path, result)
+    result["failed"] = failed
+    _write_json(out_path, result)
+    log(format_table(result))
+    log(f"wrote {out_path}")
+    return result
+
+
+def cmd_bench(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    result = run_bench(cfg, args.backend, args.steps, args.warmup, Path(args.out) if args.out else None)
+    return 1 if result["failed"] else 0
+
+
+def add_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Register ``bench`` on the CLI's subparsers (``cli.build_parser``)."""
+    s = subparsers.add_parser(
+        "bench", help="input pipeline vs training step vs both: what bounds the loop (writes bench.json)"
+    )
+    s.add_argument("--config", default=None, help="YAML config (e.g. configs/bench_r50.yaml)")
+    s.add_argument(
+        "--backend",
+        action="append",
+        default=None,
+        metavar="NAME[:KEY=VALUE,...]",
+        help=f"data backend ({', '.join(('auto', *BACKENDS))}), optionally with data.* settings, "
+        "e.g. dali:dali_hw_decoder_load=1.0; repeat to compare (default: data.backend)",
+    )
+    s.add_argument("--steps", type=int, default=30, help="measured steps of each figure (default 30)")
+    s.add_argument("--warmup", type=int, default=5, help="unmeasured steps before each (default 5)")
+    s.add_argument("--out", default=None, help="folder for bench.json (default: the run directory)")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.compile=true")
+    s.set_defaults(fn=cmd_bench)
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m invasive_dist.bench ARGS`` = ``invasive-dist bench ARGS``."""
+    parser = argparse.ArgumentParser(prog="invasive-dist")
+    add_subcommand(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"invasive-dist bench: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

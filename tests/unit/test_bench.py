@@ -1,0 +1,164 @@
+"""``invasive-dist bench`` on CPU with tiny settings: bench.json holds the three figures per backend,
+the ratio and the bound, and the figures are consistent with each other."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from invasive_dist import bench
+from invasive_dist.config import load_config
+from invasive_dist.errors import UserError
+
+from ..conftest import FAST_TRAIN
+
+# e2e can exceed neither ceiling: input and model each run alone at least as fast as in the loop.
+# But the three windows (2-3 s each here) are measured one after the other, and on this 2-core VM
+# identical windows differ a lot: at a load average of 7 from other processes, twelve identical
+# 8-step windows gave 5.8 to 9.2 img/s by the wall clock and 22.6 to 28.6 img/s by the process's
+# CPU time; near idle, successive runs gave e2e/min between 0.83 and 1.34 by either clock (vCPU
+# steal and allocator state, not only other processes). So the check allows 50% by CPU time (the
+# steadier clock under load) and 100% by the wall clock (the figures bench prints), and a run that
+# breaks either is repeated once: a systematic error (images counted twice, the data time left out
+# of the e2e window) breaks them on every run, a burst of foreign load rarely twice.
+NOISE_CPU = 1.5
+NOISE_WALL = 2.0
+
+
+def _bench(
+    tiny_data, tmp_path, *backends: str, steps: int = 8, warmup: int = 2, extra: list[str] = ()
+) -> tuple[int, dict]:
+    argv = ["--steps", str(steps), "--warmup", str(warmup), "--out", str(tmp_path)]
+    for b in backends:
+        argv += ["--backend", b]
+    argv += [*FAST_TRAIN, f"data.root={tiny_data}", f"output.root={tmp_path}", *extra]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two spin-waiting OpenMP threads on 2 shared cores: 10x slower, noisier
+    try:
+        rc = bench.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return rc, json.loads((tmp_path / "bench.json").read_text())
+
+
+def _cpu_rate(window: dict) -> float:
+    return window["images"] / window["cpu_seconds"]
+
+
+def _above_ceilings(result: dict) -> list[str]:
+    """Rows whose e2e exceeds a ceiling by more than the noise allowance (see NOISE_CPU)."""
+    bad = []
+    for r in result["rows"]:
+        wall = r["e2e_img_per_s"] / min(r["input_img_per_s"], r["model_img_per_s"])
+        cpu = _cpu_rate(r["e2e"]) / min(_cpu_rate(r["input"]), _cpu_rate(result["model"]))
+        if wall > NOISE_WALL or cpu > NOISE_CPU:
+            bad.append(f"{r['backend']}: e2e / min = {wall:.2f} (wall clock), {cpu:.2f} (CPU time)")
+    return bad
+
+
+def test_bench_cpu_writes_consistent_figures(tiny_data, tmp_path, capsys):
+    rc, result = _bench(tiny_data, tmp_path / "1", "torch", "synthetic")
+    if rc == 0 and _above_ceilings(result):  # see NOISE_CPU
+        print("repeating bench:", _above_ceilings(result))
+        rc, result = _bench(tiny_data, tmp_path / "2", "torch", "synthetic")
+    assert rc == 0
+    assert not _above_ceilings(result)
+
+    s, hw = result["settings"], result["hardware"]
+    assert (s["arch"], s["image_size"], s["batch_size"], s["steps"], s["warmup"]) == ("resnet18", 64, 8, 8, 2)
+    assert s["compile"] is False and s["mixed_precision"] == "no" and s["train_images"] == 48
+    assert hw["cpu"] and hw["cpu_cores"] >= 1 and hw["torch"] == torch.__version__ and hw["gpu"] is None
+
+    rows = {r["backend"]: r for r in result["rows"]}
+    assert list(rows) == ["torch", "synthetic"]
+    model = result["model_img_per_s"]
+    for r in rows.values():
+        assert r["error"] is None
+        assert r["input_img_per_s"] > 0 and r["e2e_img_per_s"] > 0
+        assert r["model_img_per_s"] == model  # measured once, shared by the rows
+        ceiling = min(r["input_img_per_s"], model)
+        assert r["e2e_over_min"] == pytest.approx(r["e2e_img_per_s"] / ceiling)
+        assert r["bound"] == ("input" if r["input_img_per_s"] < model else "model")
+        assert r["serial_img_per_s"] < ceiling
+        assert r["input"]["images"] == r["e2e"]["images"] == 8 * 8  # steps x batch
+    # Tensors made once on the CPU cost nothing to hand out; ResNet-18 does.
+    assert rows["synthetic"]["input_img_per_s"] > 10 * model
+    assert rows["synthetic"]["bound"] == "model"
+
+    out = capsys.readouterr().out
+    assert "e2e/min" in out and "model (training step)" in out and str(tmp_path) in out
+
+
+def test_bench_reports_a_failing_backend_and_measures_the_others(tiny_data, tmp_path, monkeypatch):
+    real = bench.build_loader
+
+    def build_loader(index, cfg, *args, **kwargs):
+        if cfg.data.backend == "gpu_cache":
+            raise RuntimeError("no decoder for you")
+        return real(index, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "build_loader", build_loader)
+    rc, result = _bench(tiny_data, tmp_path, "gpu_cache", "synthetic", steps=2, warmup=1)
+    assert rc == 1 and result["failed"] == 1
+    failed, ok = result["rows"]
+    assert failed["backend"] == "gpu_cache" and "no decoder for you" in failed["error"]
+    assert ok["error"] is None and ok["e2e_img_per_s"] > 0
+
+
+def test_backend_spec_carries_data_settings():
+    cfg = load_config(None, ["data.dali_hw_decoder_load=0.65"])
+    name, bcfg = bench.parse_backend("dali:dali_hw_decoder_load=1.0,data.dali_threads=8", cfg)
+    assert name == "dali" and bcfg.data.backend == "dali"
+    assert (bcfg.data.dali_hw_decoder_load, bcfg.data.dali_threads) == (1.0, 8)
+    assert cfg.data.dali_hw_decoder_load == 0.65  # the run's config is left alone
+    with pytest.raises(UserError, match="dali_hw_decoder_lod"):
+        bench.parse_backend("dali:dali_hw_decoder_lod=1.0", cfg)
+    with pytest.raises(UserError, match="not one of"):
+        bench.parse_backend("pil", cfg)
+
+
+def test_verdict_with_the_h100_figures():
+    # torch DataLoader (315 img/s) feeding ResNet-50 eager (3,975 img/s): input-bound.
+    v = bench.verdict(315.0, 3975.0, 310.0)
+    assert v["bound"] == "input" and v["e2e_over_min"] == pytest.approx(310 / 315)
+    assert v["serial_img_per_s"] == pytest.approx(1 / (1 / 315 + 1 / 3975))
+    assert bench.verdict(5238.0, 3975.0, 2862.0)["bound"] == "model"
+
+
+def test_bench_config_error_is_a_user_error(tiny_data, tmp_path, capsys):
+    assert bench.main(["--backend", "pil", f"data.root={tiny_data}", f"output.root={tmp_path}"]) == 2
+    assert "'pil' is not one of" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one precision per process; this test uses bf16, the CPU tests "no"."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_cuda(tiny_data, tmp_path, fresh_accelerate_state):
+    rc, result = _bench(
+        tiny_data,
+        tmp_path,
+        "synthetic",
+        "torch",
+        "gpu_cache",
+        steps=10,
+        warmup=3,
+        extra=["train.mixed_precision=bf16", "model.channels_last=true"],
+    )
+    assert rc == 0, result
+    hw, s = result["hardware"], result["settings"]
+    assert hw["gpu"] and hw["gpu_memory_bytes"] > 0 and hw["cuda"]
+    assert s["channels_last"] is True and s["mixed_precision"] == "bf16"
+    for r in result["rows"]:
+        assert r["e2e_img_per_s"] <= 1.25 * min(r["input_img_per_s"], r["model_img_per_s"]), r
