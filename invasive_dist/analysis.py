@@ -413,7 +413,13 @@ def add_subcommand(subparsers) -> None:
     s = subparsers.add_parser(
         "analyze", help="ROC curve, confusion matrix and worst images of a run or CV dir"
     )
-    s.add_argument("--run", required=True, help="a training run or a CV directory (invasive-dist cv)")
+    s.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        help="a training run or a CV directory (invasive-dist cv)",
+    )
     s.add_argument("--threshold", default="0.5", help="a probability in [0, 1], or 'youden' (default 0.5)")
     s.add_argument("--n-wrong", type=int, default=16, help="images in wrong.png (default 16)")
     s.add_argument("--out", default=None, help="output folder (default RUN/analysis)")

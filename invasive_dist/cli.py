@@ -111,7 +111,9 @@ def cmd_report(args) -> int:
     best = max(val, key=lambda r: r["val/auc"])
     perf = [r["perf/img_per_s"] for r in rows if "perf/img_per_s" in r]
     print(f"run            {run}")
-    print(f"val/auc        {best['val/auc']:.4f} (best, epoch {best['epoch']}; last {val[-1]['val/auc']:.4f})")
+    print(
+        f"val/auc        {best['val/auc']:.4f} (best, epoch {best['epoch']}; last {val[-1]['val/auc']:.4f})"
+    )
     print(f"val/n          {int(best['val/n'])} images")
     if perf:
         print(f"train img/s    {sorted(perf)[len(perf) // 2]:.1f} (median over log intervals)")
@@ -158,7 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("predict", help="write submission.csv for a data folder's test images")
-    s.add_argument("--run", required=True, help="a training run, or a CV directory (fold<k>/ runs of invasive-dist cv)")
+    # --run-dir: under torchrun, whose own parser takes --run for an abbreviation of its --run-path.
+    s.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        help="a training run, or a CV directory (fold<k>/ runs of invasive-dist cv)",
+    )
     s.add_argument("--data", required=True, help="data folder with test/ and sample_submission.csv")
     s.add_argument("--out", default=None, help="submission path (default RUN/submission.csv)")
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. predict.tta=dihedral")
@@ -170,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_subcommand(sub)
 
     s = sub.add_parser("report", help="summarize a finished run: val AUC and where its outputs are")
-    s.add_argument("--run", required=True)
+    s.add_argument("--run", "--run-dir", dest="run", required=True)
     s.set_defaults(fn=cmd_report)
     return p
 

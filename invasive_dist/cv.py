@@ -579,7 +579,13 @@ def add_subcommand(subparsers) -> None:
         action="store_true",
         help="train nothing: score finished folds without oof.csv, write oof.csv/cv.json/roc.png",
     )
-    s.add_argument("--run", default=None, help="with --collect: the CV directory (default from --config)")
+    s.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        default=None,
+        help="with --collect: the CV directory (default from --config)",
+    )
     s.add_argument("--data", default=None, help="with --collect: the data folder, if it moved since training")
     s.add_argument(
         "--pseudo-rounds",

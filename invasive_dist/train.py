@@ -306,6 +306,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         model = build_model(cfg.model)
+        if cfg.train.sync_bn and self.shard.world > 1 and self.device.type != "cuda":
+            raise UserError("train.sync_bn=true needs CUDA devices (SyncBatchNorm runs on GPUs only)")
         if cfg.train.sync_bn and self.shard.world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(

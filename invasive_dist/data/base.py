@@ -16,8 +16,9 @@ are removed by index when predictions are gathered (see ``gather_predictions``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch

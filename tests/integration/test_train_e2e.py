@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -21,7 +20,9 @@ REQUIRED_VAL_TAGS = {"val/loss", "val/auc", "val/n"}
 
 
 def train(tmp_path, data, name, *extra):
-    rc = main(["train", *FAST_TRAIN, f"data.root={data}", f"output.root={tmp_path}", f"output.name={name}", *extra])
+    rc = main(
+        ["train", *FAST_TRAIN, f"data.root={data}", f"output.root={tmp_path}", f"output.name={name}", *extra]
+    )
     return rc, tmp_path / name
 
 
@@ -55,7 +56,21 @@ def test_outputs(trained, tiny_data):
 @pytest.mark.parametrize("tta", ["none", "dihedral"])
 def test_predict_submission_format(trained, tiny_data, tmp_path, tta):
     out = tmp_path / f"sub-{tta}.csv"
-    assert main(["predict", "--run", str(trained), "--data", str(tiny_data), "--out", str(out), f"predict.tta={tta}"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(trained),
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(out),
+                f"predict.tta={tta}",
+            ]
+        )
+        == 0
+    )
     sub = pd.read_csv(out, dtype={"name": str})
     sample = pd.read_csv(tiny_data / "sample_submission.csv", dtype={"name": str})
     assert list(sub.columns) == ["name", "invasive"]

@@ -61,7 +61,13 @@ def test_int_accepted_for_float(tmp_path):
 def test_overrides_nested_and_typed(tmp_path):
     cfg = load_config(
         write(tmp_path, "train:\n  epochs: 3\n"),
-        ["train.epochs=5", "model.arch=resnet34", "data.root=data/x", "model.weights=null", "profile.ranks=[0,1]"],
+        [
+            "train.epochs=5",
+            "model.arch=resnet34",
+            "data.root=data/x",
+            "model.weights=null",
+            "profile.ranks=[0,1]",
+        ],
     )
     assert cfg.train.epochs == 5
     assert cfg.model.arch == "resnet34"

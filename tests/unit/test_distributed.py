@@ -10,15 +10,28 @@ def test_plain_python():
 
 
 def test_torchrun_env():
-    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
-           "TORCHELASTIC_RUN_ID": "x", "TORCHELASTIC_RESTART_COUNT": "2"}
+    env = {
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_WORLD_SIZE": "2",
+        "GROUP_RANK": "1",
+        "TORCHELASTIC_RUN_ID": "x",
+        "TORCHELASTIC_RESTART_COUNT": "2",
+    }
     w = world_info_from_env(env)
     assert (w.rank, w.local_rank, w.world_size, w.node_rank, w.num_nodes) == (3, 1, 4, 1, 2)
     assert w.launcher == "torchrun" and w.restart_count == 2 and not w.is_main
 
 
 def test_slurm_with_torchrun():
-    env = {"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "7", "SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "1"}
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "TORCHELASTIC_RUN_ID": "7",
+        "SLURM_JOB_ID": "42",
+        "SLURM_RESTART_COUNT": "1",
+    }
     w = world_info_from_env(env)
     assert w.launcher == "slurm" and w.slurm_job_id == "42" and w.slurm_restart_count == 1
 

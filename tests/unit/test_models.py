@@ -9,7 +9,9 @@ from invasive_dist.errors import UserError
 from invasive_dist.models import build_model, head_name
 
 
-@pytest.mark.parametrize("arch, head", [("resnet18", "fc"), ("resnet50", "fc"), ("mobilenet_v3_small", "classifier.3")])
+@pytest.mark.parametrize(
+    "arch, head", [("resnet18", "fc"), ("resnet50", "fc"), ("mobilenet_v3_small", "classifier.3")]
+)
 def test_one_logit_head(arch, head):
     m = build_model(ModelConfig(arch=arch))
     assert head_name(m) == head

@@ -1,0 +1,151 @@
+# shellcheck shell=bash
+# Shared by launch/train.sh and launch/predict.sh (sourced, not run): launcher options -> torchrun.
+#
+# Parses   [-n NPROC | --gpus N] [--nnodes M --node-rank R --master ADDR:PORT] [--dry-run]
+# and builds the torchrun part of the command line in the array TORCHRUN_CMD:
+#   one node:    torchrun --standalone --nnodes=1 --nproc_per_node=N
+#   M nodes:     torchrun --nnodes=M --node_rank=R --nproc_per_node=N --rdzv_backend=c10d
+#                         --rdzv_endpoint=ADDR:PORT --rdzv_id=$RDZV_ID --rdzv_conf=is_host=<R==0>
+# With c10d the rendezvous numbers the nodes; node-rank 0 hosts the rendezvous store (is_host), so
+# ADDR must be an address of node-rank 0 that the other nodes can reach.
+
+die() {
+    echo "$PROG: error: $*" >&2
+    echo "Try '$PROG --help'." >&2
+    exit 2
+}
+
+is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
+
+# Processes per node when -n/--gpus is not given: one per visible GPU, else 1 (CPU).
+default_nproc() {
+    local n=0
+    if [[ -n ${CUDA_VISIBLE_DEVICES:-} && ${CUDA_VISIBLE_DEVICES} != "-1" ]]; then
+        IFS=, read -r -a _devs <<<"$CUDA_VISIBLE_DEVICES"
+        n=${#_devs[@]}
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+    fi
+    if ((n < 1)); then n=1; fi
+    echo "$n"
+}
+
+# The torchrun executable: $TORCHRUN, else torchrun on PATH, else the repository's .venv.
+find_torchrun() {
+    if [[ -n ${TORCHRUN:-} ]]; then
+        echo "$TORCHRUN"
+    elif command -v torchrun >/dev/null 2>&1; then
+        command -v torchrun
+    elif [[ -x $REPO/.venv/bin/torchrun ]]; then
+        echo "$REPO/.venv/bin/torchrun"
+    else
+        die "torchrun not found: activate the environment that has torch, or set TORCHRUN=/path/to/torchrun"
+    fi
+}
+
+NPROC=""
+NNODES=1
+NODE_RANK=""
+MASTER=""
+DRY_RUN=0
+REST=()
+
+# parse_launch_args "$@": consumes the launcher options, leaves everything else in REST (in order).
+parse_launch_args() {
+    local opt val
+    while (($#)); do
+        opt=$1
+        val=""
+        case $opt in
+            --*=*)
+                val=${opt#*=}
+                opt=${opt%%=*}
+                ;;
+        esac
+        case $opt in
+            -h | --help)
+                usage
+                exit 0
+                ;;
+            -n | --nproc | --nproc-per-node | --gpus | --nnodes | --node-rank | --master)
+                if [[ -z $val ]]; then
+                    (($# >= 2)) || die "$opt needs a value"
+                    val=$2
+                    shift
+                fi
+                case $opt in
+                    --nnodes)
+                        if ! is_uint "$val" || ((10#$val < 1)); then die "--nnodes: '$val' is not a positive integer"; fi
+                        NNODES=$val
+                        ;;
+                    --node-rank)
+                        is_uint "$val" || die "--node-rank: '$val' is not a non-negative integer"
+                        NODE_RANK=$val
+                        ;;
+                    --master)
+                        [[ $val =~ ^[^:]+:[0-9]+$ ]] || die "--master: '$val' is not ADDR:PORT (e.g. node001:29500)"
+                        MASTER=$val
+                        ;;
+                    *)
+                        if ! is_uint "$val" || ((10#$val < 1)); then die "$opt: '$val' is not a positive integer"; fi
+                        NPROC=$val
+                        ;;
+                esac
+                ;;
+            --dry-run)
+                DRY_RUN=1
+                ;;
+            --)
+                shift
+                REST+=("$@")
+                return 0
+                ;;
+            -?*)
+                # Anything else that looks like an option and comes before the positional arguments.
+                if ((${#REST[@]} == 0)); then
+                    die "unknown option '$1'"
+                fi
+                REST+=("$1")
+                ;;
+            *)
+                REST+=("$1")
+                ;;
+        esac
+        shift
+    done
+}
+
+# build_torchrun: validates the node options and fills TORCHRUN_CMD (read by the caller).
+# shellcheck disable=SC2034
+build_torchrun() {
+    [[ -n $NPROC ]] || NPROC=$(default_nproc)
+    local torchrun
+    torchrun=$(find_torchrun)
+    if ((NNODES == 1)); then
+        [[ -z $MASTER && -z $NODE_RANK ]] || die "--master/--node-rank need --nnodes > 1 (one node runs standalone)"
+        TORCHRUN_CMD=("$torchrun" --standalone --nnodes=1 "--nproc_per_node=$NPROC")
+    else
+        [[ -n $MASTER ]] || die "--nnodes $NNODES needs --master ADDR:PORT (an address of node-rank 0)"
+        [[ -n $NODE_RANK ]] || die "--nnodes $NNODES needs --node-rank R (0 on the node that --master names)"
+        ((10#$NODE_RANK < NNODES)) || die "--node-rank $NODE_RANK must be below --nnodes $NNODES"
+        local is_host=false
+        if ((10#$NODE_RANK == 0)); then is_host=true; fi
+        TORCHRUN_CMD=("$torchrun" "--nnodes=$NNODES" "--node_rank=$NODE_RANK" "--nproc_per_node=$NPROC"
+            --rdzv_backend=c10d "--rdzv_endpoint=$MASTER" "--rdzv_id=${RDZV_ID:-invasive-dist}"
+            "--rdzv_conf=is_host=$is_host")
+    fi
+}
+
+# run_cmd CMD...: prints the command (shell-quoted), then replaces this shell with it.
+run_cmd() {
+    printf '+' >&2
+    printf ' %q' "$@" >&2
+    printf '\n' >&2
+    if ((DRY_RUN)); then exit 0; fi
+    # The repository's package wins over an installed copy, whatever the working directory.
+    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+    # Workers restarted by torchrun (--max-restarts) otherwise read the previous attempt's
+    # addresses from the agent's shared store and fail to connect (pytorch/pytorch#135712).
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+    exec "$@"
+}
