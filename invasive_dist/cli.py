@@ -100,6 +100,25 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _hidden_test_auc(run: Path) -> float | None:
+    """A synthetic set keeps its test labels in test_labels_hidden.csv: score the submission."""
+    import pandas as pd
+    import yaml
+
+    from .metrics import roc_auc
+
+    try:
+        root = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["root"])
+        truth = pd.read_csv(root / "test_labels_hidden.csv", dtype={"name": str})
+        sub = pd.read_csv(run / "submission.csv", dtype={"name": str})
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    merged = truth.merge(sub, on="name", suffixes=("_true", "_pred"))
+    if len(merged) != len(truth):
+        return None
+    return roc_auc(merged["invasive_true"].to_numpy(), merged["invasive_pred"].to_numpy())
+
+
 def cmd_report(args) -> int:
     from .metrics import read_metrics
 
@@ -117,6 +136,9 @@ def cmd_report(args) -> int:
     print(f"val/n          {int(best['val/n'])} images")
     if perf:
         print(f"train img/s    {sorted(perf)[len(perf) // 2]:.1f} (median over log intervals)")
+    hidden = _hidden_test_auc(run)
+    if hidden is not None:
+        print(f"test auc       {hidden:.4f} (submission.csv scored with the synthetic set's hidden labels)")
     for label, rel in [
         ("config", "config.yaml"),
         ("metrics", "metrics.jsonl"),

@@ -149,3 +149,17 @@ def test_predict_refuses_bad_test_image(trained, tiny_data, tmp_path, capsys):
     assert main(["predict", "--run", str(trained), "--data", str(data), "--out", str(out)]) == 2
     assert str(bad) in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_report_scores_submission_with_hidden_labels(trained, tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    assert main(["report", "--run", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "val/auc" in out and "test auc" not in out  # no submission yet
+    assert main(["predict", "--run", str(run), "--data", str(tiny_data)]) == 0
+    capsys.readouterr()
+    assert main(["report", "--run", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "test auc" in out and "submission.csv" in out
+    assert main(["report", "--run", str(tmp_path / "nope")]) == 2
