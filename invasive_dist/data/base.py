@@ -105,6 +105,12 @@ def normalize_on_device(images_u8: torch.Tensor, device: torch.device, channels_
     return x
 
 
+def loader_batch_size(cfg_data, train: bool) -> int:
+    """Per-device batch of a loader: ``batch_size`` for training, ``eval_batch_size`` (default
+    twice that: no gradients to keep) for validation and prediction."""
+    return cfg_data.batch_size if train else (cfg_data.eval_batch_size or 2 * cfg_data.batch_size)
+
+
 def eval_resize_size(image_size: int, crop_pct: float) -> int:
     """Shorter side the evaluation path resizes to before its center crop."""
     return int(round(image_size / crop_pct))

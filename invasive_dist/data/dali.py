@@ -65,6 +65,7 @@ from .base import (
     Batch,
     Shard,
     eval_resize_size,
+    loader_batch_size,
     train_plan,
     train_steps,
 )
@@ -180,7 +181,7 @@ class DaliLoader:
         self.index, self.d, self.shard, self.device = index, cfg_data, shard, torch.device(device)
         self.train, self.seed, self.channels_last = train, seed, channels_last
         self.gpu = self.device.type == "cuda"
-        self.batch = cfg_data.batch_size if train else (cfg_data.eval_batch_size or 2 * cfg_data.batch_size)
+        self.batch = loader_batch_size(cfg_data, train)
         n = len(index)
         if n == 0:
             raise UserError("data backend dali: the split is empty")

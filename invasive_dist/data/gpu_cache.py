@@ -60,6 +60,7 @@ from .base import (
     Shard,
     eval_plan,
     eval_resize_size,
+    loader_batch_size,
     train_plan,
     train_steps,
 )
@@ -123,7 +124,7 @@ class GpuCacheLoader:
     ) -> None:
         self.index, self.d, self.shard, self.device = index, cfg_data, shard, torch.device(device)
         self.train, self.seed, self.channels_last = train, seed, channels_last
-        self.batch = cfg_data.batch_size if train else (cfg_data.eval_batch_size or 2 * cfg_data.batch_size)
+        self.batch = loader_batch_size(cfg_data, train)
         n = len(index)
         if n == 0:
             raise UserError("data backend gpu_cache: the split is empty")

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .base import Batch, Shard, eval_plan, train_plan, train_steps
+from .base import Batch, Shard, eval_plan, loader_batch_size, train_plan, train_steps
 from .kaggle import DataIndex
 
 POOL = 2  # distinct batches kept on the device; 2 x 256 x 3 x 224 x 224 float32 = 308 MB
@@ -33,7 +33,7 @@ class SyntheticLoader:
     ) -> None:
         self.n, self.shard, self.device = len(index), shard, torch.device(device)
         self.train, self.seed = train, seed
-        self.batch = cfg_data.batch_size if train else (cfg_data.eval_batch_size or 2 * cfg_data.batch_size)
+        self.batch = loader_batch_size(cfg_data, train)
         if train:
             self.steps_per_epoch = train_steps(self.n, self.batch, shard)
         else:

@@ -24,6 +24,7 @@ from .base import (
     Shard,
     eval_plan,
     eval_resize_size,
+    loader_batch_size,
     normalize_on_device,
     sample_seeds,
     train_plan,
@@ -134,7 +135,7 @@ class TorchLoader:
     ) -> None:
         self.index, self.d, self.shard, self.device = index, cfg_data, shard, device
         self.train, self.seed, self.channels_last = train, seed, channels_last
-        self.batch = cfg_data.batch_size if train else (cfg_data.eval_batch_size or 2 * cfg_data.batch_size)
+        self.batch = loader_batch_size(cfg_data, train)
         self.dataset = _ImageDataset(index, cfg_data)
         if train:
             self.steps_per_epoch = train_steps(len(index), self.batch, shard)

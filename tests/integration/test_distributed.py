@@ -54,6 +54,7 @@ import pytest
 from invasive_dist.metrics import read_metrics
 
 from ..conftest import ROOT
+from ..procs import clean_env, kill_tree
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -85,27 +86,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def clean_env() -> dict:
-    """The test's environment without launcher or Slurm variables (the tests may themselves run
-    under Slurm or torchrun); one thread per process, as torchrun would set on its own."""
-    drop = ("SLURM_", "TORCHELASTIC_", "PET_", "ACCELERATE_")
-    keys = {
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "GROUP_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k not in keys}
-    env.pop("INVASIVE_DIST_FAULT", None)
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    # launch/train.sh finds torchrun on PATH: the one of this interpreter.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
 class Proc:
     """A launcher process in its own session, stdout + stderr to ``log``."""
 
@@ -129,19 +109,7 @@ class Proc:
         return self.log.read_text(errors="replace")
 
     def kill_tree(self) -> None:
-        """SIGKILL the launcher and its workers (torchrun starts each worker in its own session)."""
-        import psutil
-
-        try:
-            procs = [psutil.Process(self.proc.pid)]
-            procs += procs[0].children(recursive=True)
-        except psutil.NoSuchProcess:
-            procs = []
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_tree(self.proc.pid)
         self.proc.wait()
 
     def wait(self, timeout: float = RUN_TIMEOUT) -> int:

@@ -29,7 +29,6 @@ steps, EMA on, a checkpoint after every step), made once per module.
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
 import subprocess
@@ -45,6 +44,7 @@ from invasive_dist.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from invasive_dist.metrics import read_metrics
 
 from ..conftest import FAST_TRAIN, ROOT
+from ..procs import clean_env, kill_tree
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 SETTINGS = [
@@ -60,28 +60,6 @@ TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 # A seeded random step for the SIGKILL: 2..5 (step 1 would leave nothing to resume, step 6 is the end).
 KILL_STEP = random.Random(20240607).randint(2, TOTAL_STEPS - 1)
 RUN_TIMEOUT = 420  # s; generous: the machine running the tests may be shared
-
-
-def _clean_env(fault: str | None = None, extra: dict | None = None) -> dict:
-    """The test's environment without launcher, Slurm or fault variables (the tests may run inside
-    a Slurm job or under torchrun themselves), plus ``fault``."""
-    drop = ("SLURM_", "TORCHELASTIC_", "PET_")
-    keys = {
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "GROUP_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k not in keys}
-    env.pop("INVASIVE_DIST_FAULT", None)
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    if fault:
-        env["INVASIVE_DIST_FAULT"] = fault
-    env.update(extra or {})
-    return env
 
 
 class Run:
@@ -123,7 +101,7 @@ class Run:
             self.proc = subprocess.Popen(
                 cmd,
                 cwd=ROOT,
-                env=_clean_env(fault, env),
+                env=clean_env(fault, env),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -142,19 +120,7 @@ class Run:
             pytest.fail(f"{self.dir.name} still running after {timeout:.0f} s; log:\n{self.output[-4000:]}")
 
     def kill_all(self) -> None:
-        """SIGKILL the job and its workers (torchrun starts each worker in its own session)."""
-        import psutil
-
-        try:
-            procs = [psutil.Process(self.proc.pid)]
-            procs += procs[0].children(recursive=True)
-        except psutil.NoSuchProcess:
-            procs = []
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_tree(self.proc.pid)
         self.proc.wait()
 
     def wait_for_step(self, step: int, timeout: float = RUN_TIMEOUT) -> None:

@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import yaml
 from invasive_dist.metrics import read_metrics
 
 from ..conftest import ROOT
+from ..procs import clean_env
 
 pytestmark = pytest.mark.slow
 
@@ -80,23 +80,8 @@ def slurm() -> None:
 
 
 def job_env() -> dict:
-    """What sbatch exports into the job: this environment without Slurm/launcher variables (the
-    tests may themselves run inside a job), torchrun of this interpreter first on PATH."""
-    drop = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "TORCHELASTIC_", "PET_", "ACCELERATE_")
-    keys = {
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "GROUP_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k not in keys}
-    env.pop("INVASIVE_DIST_FAULT", None)
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
+    """What sbatch exports into the job: this environment without Slurm/launcher variables."""
+    return clean_env()
 
 
 def sbatch(
