@@ -485,7 +485,12 @@ class Trainer:
         )
         try:
             with ProfilerWindow(cfg.profile, self.run_dir / "profile", self.shard.rank) as prof:
+                patience = cfg.train.early_stop_patience
                 while self.epoch < cfg.train.epochs:
+                    if patience and self.epochs_without_improvement >= patience:
+                        # Also when a run that stopped early is resumed: it stays stopped.
+                        self.log(f"early stop: val/auc has not improved for {patience} epoch(s)")
+                        break
                     t_epoch = time.perf_counter()
                     finished = self._train_epoch(writer, prof)
                     if not finished:  # train.max_steps reached inside the epoch
@@ -511,10 +516,6 @@ class Trainer:
                     )
                     self.save(is_best=is_best)
                     if self._max_steps_reached():
-                        break
-                    patience = cfg.train.early_stop_patience
-                    if patience and self.epochs_without_improvement >= patience:
-                        self.log(f"early stop: val/auc has not improved for {patience} epoch(s)")
                         break
         finally:
             self._stop.restore()

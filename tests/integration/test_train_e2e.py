@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -163,3 +164,23 @@ def test_report_scores_submission_with_hidden_labels(trained, tiny_data, tmp_pat
     out = capsys.readouterr().out
     assert "test auc" in out and "submission.csv" in out
     assert main(["report", "--run", str(tmp_path / "nope")]) == 2
+
+
+def test_early_stopping_stops_and_stays_stopped_on_resume(tmp_path, tiny_data, monkeypatch, capsys):
+    """With a validation AUC that never improves, patience 2 means 3 epochs, and a resume adds none."""
+    from invasive_dist import train as train_mod
+
+    def flat_evaluate(self, loader=None, model=None):
+        return train_mod.EvalResult(
+            index=np.arange(4), logits=np.array([0.1, 0.2, 0.3, 0.4]), labels=np.array([0.0, 1.0, 0.0, 1.0])
+        )
+
+    monkeypatch.setattr(train_mod.Trainer, "evaluate", flat_evaluate)
+    args = ["train.epochs=6", "train.early_stop_patience=2", "train.max_steps=0"]
+    assert train(tmp_path, tiny_data, "es", *args)[0] == 0
+    assert "early stop" in capsys.readouterr().out
+    epochs = [r["epoch"] for r in read_metrics(tmp_path / "es") if "val/auc" in r]
+    assert epochs == [1, 2, 3]
+    assert train(tmp_path, tiny_data, "es", *args, "resume=auto")[0] == 0
+    assert "early stop" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_metrics(tmp_path / "es") if "val/auc" in r] == [1, 2, 3]
