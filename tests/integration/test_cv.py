@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from invasive_dist.metrics import roc_auc
 from invasive_dist.predict import combine, ensemble_files, tta_probs, tta_views
 
 from ..conftest import ROOT
+from ..procs import clean_env
 
 N_FOLDS = 3
 # Tiny CPU settings: 32 px, 3 steps per fold, one epoch.
@@ -239,18 +239,7 @@ def test_cv_under_torchrun_scores_each_image_once_like_one_process(tiny_data, tm
     those one process computes from the same checkpoints (so every image was scored once, by
     the right fold's model, whatever the number of ranks)."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    drop = ("SLURM_", "TORCHELASTIC_", "PET_")
-    keys = {
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "GROUP_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k not in keys}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = clean_env()
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "invasive_dist"]
     cmd += cv_args(tiny_data, tmp_path, "ddp", "data.n_folds=2", "data.batch_size=8", "predict.tta=flips")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
