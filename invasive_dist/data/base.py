@@ -23,6 +23,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -109,6 +111,29 @@ def loader_batch_size(cfg_data, train: bool) -> int:
     """Per-device batch of a loader: ``batch_size`` for training, ``eval_batch_size`` (default
     twice that: no gradients to keep) for validation and prediction."""
     return cfg_data.batch_size if train else (cfg_data.eval_batch_size or 2 * cfg_data.batch_size)
+
+
+class LoaderBase:
+    """What every backend keeps from its constructor arguments (the ``build_loader`` signature)."""
+
+    def __init__(
+        self,
+        index,
+        cfg_data,
+        shard: Shard,
+        device: torch.device,
+        train: bool,
+        seed: int,
+        channels_last: bool = False,
+    ) -> None:
+        if len(index) == 0:
+            raise UserError(
+                f"{type(self).__name__}: the {'training' if train else 'evaluation'} split is empty"
+            )
+        self.index, self.d, self.shard, self.device = index, cfg_data, shard, torch.device(device)
+        self.train, self.seed, self.channels_last = train, seed, channels_last
+        self.n = len(index)
+        self.batch = loader_batch_size(cfg_data, train)
 
 
 def eval_resize_size(image_size: int, crop_pct: float) -> int:

@@ -416,6 +416,14 @@ def _name_key(name: str) -> tuple[int, int | str]:
     return (0, int(name)) if name.isdigit() else (1, name)
 
 
+def _unlisted(folder: Path, names: set[str], kind: str, what: str) -> list[Problem]:
+    """Warnings for image files that no CSV row lists, in name order."""
+    return [
+        Problem(kind, str(folder / f"{n}.jpg"), f"{folder / f'{n}.jpg'}: {what}", False)
+        for n in sorted(names, key=_name_key)
+    ]
+
+
 def check_data(
     root: Path,
     labels_csv: str = "train_labels.csv",
@@ -470,16 +478,12 @@ def check_data(
         report.n_positive = sum(1 for v in rows.labels if v == 1)
         report.n_negative = sum(1 for v in rows.labels if v == 0)
         report.bad_names.update(rows.bad_names)
-        for name in sorted(train_files - set(label_names), key=_name_key):
-            path = train_dir / f"{name}.jpg"
-            problems.append(
-                Problem(
-                    "unlabelled-file",
-                    str(path),
-                    f"{path}: has no row in {labels_csv}, so it is not used; add a row or remove the file",
-                    False,
-                )
-            )
+        problems += _unlisted(
+            train_dir,
+            train_files - set(label_names),
+            "unlabelled-file",
+            f"has no row in {labels_csv}, so it is not used; add a row or remove the file",
+        )
 
     # Test set: the sample submission's names, or the files in test/ when it is absent.
     sub_path = root / "sample_submission.csv"
@@ -487,17 +491,12 @@ def check_data(
     if sub_path.is_file():
         sub = _read_name_csv(sub_path, "test-", False, problems)
         test_names = sub.names if sub else []
-        for name in sorted(test_files - set(test_names), key=_name_key):
-            path = test_dir / f"{name}.jpg"
-            problems.append(
-                Problem(
-                    "test-unlisted-file",
-                    str(path),
-                    f"{path}: not listed in {sub_path.name}, so no prediction is made for it; "
-                    "add a row or remove the file",
-                    False,
-                )
-            )
+        problems += _unlisted(
+            test_dir,
+            test_files - set(test_names),
+            "test-unlisted-file",
+            f"not listed in {sub_path.name}, so no prediction is made for it; add a row or remove the file",
+        )
     elif test_files:
         test_names = sorted(test_files, key=_name_key)
     else:

@@ -63,9 +63,9 @@ from .base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Batch,
+    LoaderBase,
     Shard,
     eval_resize_size,
-    loader_batch_size,
     train_plan,
     train_steps,
 )
@@ -165,7 +165,7 @@ def _dali_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank, 0xDA11]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-class DaliLoader:
+class DaliLoader(LoaderBase):
     """One split, one rank: ``iter_epoch`` builds that epoch's pipeline and yields device batches."""
 
     def __init__(
@@ -178,13 +178,9 @@ class DaliLoader:
         seed: int,
         channels_last: bool = False,
     ) -> None:
-        self.index, self.d, self.shard, self.device = index, cfg_data, shard, torch.device(device)
-        self.train, self.seed, self.channels_last = train, seed, channels_last
+        super().__init__(index, cfg_data, shard, device, train, seed, channels_last)
         self.gpu = self.device.type == "cuda"
-        self.batch = loader_batch_size(cfg_data, train)
-        n = len(index)
-        if n == 0:
-            raise UserError("data backend dali: the split is empty")
+        n = self.n
         missing = [p for p in index.paths if not os.path.isfile(p)]
         if missing:
             raise UserError(

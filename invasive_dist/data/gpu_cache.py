@@ -57,10 +57,10 @@ from .base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Batch,
+    LoaderBase,
     Shard,
     eval_plan,
     eval_resize_size,
-    loader_batch_size,
     train_plan,
     train_steps,
 )
@@ -109,7 +109,7 @@ def _needs_cpu_decode(path: Path, data: bytes) -> bool:
         return True  # the CPU decoder names the file if it is broken
 
 
-class GpuCacheLoader:
+class GpuCacheLoader(LoaderBase):
     """One split, one rank: the split decoded once onto ``device``; batches augmented there."""
 
     def __init__(
@@ -122,12 +122,8 @@ class GpuCacheLoader:
         seed: int,
         channels_last: bool = False,
     ) -> None:
-        self.index, self.d, self.shard, self.device = index, cfg_data, shard, torch.device(device)
-        self.train, self.seed, self.channels_last = train, seed, channels_last
-        self.batch = loader_batch_size(cfg_data, train)
-        n = len(index)
-        if n == 0:
-            raise UserError("data backend gpu_cache: the split is empty")
+        super().__init__(index, cfg_data, shard, device, train, seed, channels_last)
+        n = self.n
         if train:
             self.steps_per_epoch = train_steps(n, self.batch, shard)
             positions = np.arange(n)  # every epoch's permutation spans the whole split

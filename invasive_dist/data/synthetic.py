@@ -14,13 +14,13 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .base import Batch, Shard, eval_plan, loader_batch_size, train_plan, train_steps
+from .base import Batch, LoaderBase, Shard, eval_plan, train_plan, train_steps
 from .kaggle import DataIndex
 
 POOL = 2  # distinct batches kept on the device; 2 x 256 x 3 x 224 x 224 float32 = 308 MB
 
 
-class SyntheticLoader:
+class SyntheticLoader(LoaderBase):
     def __init__(
         self,
         index: DataIndex,
@@ -31,9 +31,7 @@ class SyntheticLoader:
         seed: int,
         channels_last: bool = False,
     ) -> None:
-        self.n, self.shard, self.device = len(index), shard, torch.device(device)
-        self.train, self.seed = train, seed
-        self.batch = loader_batch_size(cfg_data, train)
+        super().__init__(index, cfg_data, shard, device, train, seed, channels_last)
         if train:
             self.steps_per_epoch = train_steps(self.n, self.batch, shard)
         else:

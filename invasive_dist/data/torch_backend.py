@@ -21,10 +21,10 @@ from torchvision.io import ImageReadMode, decode_image
 from ..errors import UserError
 from .base import (
     Batch,
+    LoaderBase,
     Shard,
     eval_plan,
     eval_resize_size,
-    loader_batch_size,
     normalize_on_device,
     sample_seeds,
     train_plan,
@@ -120,7 +120,7 @@ def _collate(items):
     return torch.stack(imgs), torch.tensor(labels, dtype=torch.float32), torch.tensor(pos)
 
 
-class TorchLoader:
+class TorchLoader(LoaderBase):
     """One split, one rank: ``iter_epoch`` yields device batches in the plan's order."""
 
     def __init__(
@@ -133,9 +133,7 @@ class TorchLoader:
         seed: int,
         channels_last: bool = False,
     ) -> None:
-        self.index, self.d, self.shard, self.device = index, cfg_data, shard, device
-        self.train, self.seed, self.channels_last = train, seed, channels_last
-        self.batch = loader_batch_size(cfg_data, train)
+        super().__init__(index, cfg_data, shard, device, train, seed, channels_last)
         self.dataset = _ImageDataset(index, cfg_data)
         if train:
             self.steps_per_epoch = train_steps(len(index), self.batch, shard)
