@@ -471,16 +471,17 @@ class GpuCacheLoader(LoaderBase):
 
         def make(step: int) -> Batch:
             idx = idx_all[step]
-            images = fused_crop(
-                self.images,
-                self.row_of[idx],
-                params_all[step * b : (step + 1) * b],
-                self.d.image_size,
-                self.scale,
-                self.shift,
-                self.channels_last,
-                transpose,
-            )
+            with torch.autocast(self.device.type, enabled=False):  # fp16/fp32 products, whatever the caller
+                images = fused_crop(
+                    self.images,
+                    self.row_of[idx],
+                    params_all[step * b : (step + 1) * b],
+                    self.d.image_size,
+                    self.scale,
+                    self.shift,
+                    self.channels_last,
+                    transpose,
+                )
             return Batch(images, self.labels[idx], idx)
 
         yield from self._prefetched(make, range(start_step, self.steps_per_epoch))
