@@ -60,7 +60,7 @@ import math
 import os
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,7 +88,7 @@ from .base import (
 from .kaggle import DataIndex
 from .torch_backend import decode_rgb, eval_transform
 
-CUDA_DECODE_CHUNK = 64  # files per batched nvJPEG call
+CUDA_DECODE_CHUNK = 64  # files per chunk of the build (one batched nvJPEG call on CUDA)
 EXIF_ORIENTATION = 0x0112
 LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 TRIES = 10  # random-resized-crop attempts before the center-square fallback, as torchvision
@@ -262,11 +262,20 @@ def _needs_cpu_decode(path: Path, data: bytes) -> bool:
         return True  # the CPU decoder names the file if it is broken
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path) -> tuple[bytes, bool]:
+    """The file's bytes and whether it must be decoded on the CPU."""
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: image file is missing (run `invasive-dist check-data`)") from None
+    return data, _needs_cpu_decode(path, data)
+
+
+def _decode_or_none(data: torch.Tensor) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return None  # decode_rgb names the file
 
 
 class Progress:
@@ -382,40 +391,45 @@ class GpuCacheLoader(LoaderBase):
                     )
             cache = torch.empty((len(positions), 3, H, W), dtype=torch.uint8, device=self.device)
             paths = [self.index.paths[i] for i in positions]
-            progress = Progress(len(paths), "decoding", self.shard.rank == 0)
-            if self.device.type == "cuda":
-                self._fill_cuda(cache, paths, pool, progress)
-            else:
-                chunk = 64
-                for start in range(0, len(paths), chunk):
-
-                    def one(row: int) -> None:
-                        cache[row] = self._fit(decode_rgb(paths[row]))
-
-                    list(pool.map(one, range(start, min(start + chunk, len(paths)))))
-                    progress.update(min(start + chunk, len(paths)))
+            self._fill(cache, paths, pool, Progress(len(paths), "decoding", self.shard.rank == 0))
         return cache
 
-    def _fill_cuda(
+    def _fill(
         self, cache: torch.Tensor, paths: list[Path], pool: ThreadPoolExecutor, progress: Progress
     ) -> None:
+        """Decode, fit and store ``paths`` in chunks; the same steps on CPU, where the decoding of a
+        chunk is spread over the thread pool instead of one batched nvJPEG call."""
+        cuda = self.device.type == "cuda"
         chunks = [paths[s : s + CUDA_DECODE_CHUNK] for s in range(0, len(paths), CUDA_DECODE_CHUNK)]
-        reading = pool.map(lambda chunk: list(map(_read, chunk)), chunks)  # reads ahead of the decoder
-        for c, (chunk, blobs) in enumerate(zip(chunks, reading)):
+
+        def submit(c: int) -> list:
+            return [pool.submit(_read, p) for p in chunks[c]]
+
+        # The files of the next two chunks are read (and their headers checked) while one decodes;
+        # no further, so that host memory holds at most three chunks of JPEG bytes.
+        ahead = deque(submit(c) for c in range(min(2, len(chunks))))
+        for c, chunk in enumerate(chunks):
+            reads = [f.result() for f in ahead.popleft()]
+            if c + 2 < len(chunks):
+                ahead.append(submit(c + 2))
+            blobs = [blob for blob, _ in reads]
             start = c * CUDA_DECODE_CHUNK
             images: list[torch.Tensor | None] = [None] * len(chunk)
-            gpu = [i for i, (p, b) in enumerate(zip(chunk, blobs)) if b and not _needs_cpu_decode(p, b)]
+            gpu = [i for i, (blob, cpu_only) in enumerate(reads) if blob and not cpu_only]
             if gpu:
                 data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in gpu]
-                # nvJPEG's hardware engine ignores stream order: let the previous chunk's resize and
-                # cache writes finish before it may reuse their memory (see the module docstring).
-                torch.cuda.synchronize(self.device)
-                try:
-                    decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-                    for i, img in zip(gpu, decoded):
-                        images[i] = img
-                except RuntimeError:
-                    pass  # one bad file fails the whole call: the CPU pass below names it
+                if cuda:
+                    # nvJPEG's hardware engine ignores stream order: let the previous chunk's resize
+                    # and cache writes finish before it may reuse their memory (module docstring).
+                    torch.cuda.synchronize(self.device)
+                    try:
+                        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+                    except RuntimeError:  # one bad file fails the whole call: the CPU pass names it
+                        decoded = [None] * len(gpu)
+                else:
+                    decoded = list(pool.map(_decode_or_none, data))
+                for i, img in zip(gpu, decoded):
+                    images[i] = img
             for i, img in enumerate(images):
                 if img is None:
                     images[i] = decode_rgb(chunk[i]).to(self.device)
@@ -427,7 +441,8 @@ class GpuCacheLoader(LoaderBase):
                 fitted = self._fit(torch.stack([images[i] for i in rows]))
                 cache[torch.tensor([start + i for i in rows], device=self.device)] = fitted
             progress.update(start + len(chunk))
-        torch.cuda.synchronize(self.device)  # the last chunk's kernels before the decoder is freed
+        if cuda:
+            torch.cuda.synchronize(self.device)  # the last chunk's kernels before the decoder is freed
 
     # ------------------------------------------------------------------------------------------
     # Batches.

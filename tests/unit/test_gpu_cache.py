@@ -15,10 +15,11 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from invasive_dist.config import DataConfig
+from invasive_dist.data import gpu_cache
 from invasive_dist.data.base import IMAGENET_MEAN, IMAGENET_STD, Shard
 from invasive_dist.data.gpu_cache import DRAWS, TRIES, GpuCacheLoader, crop_plan, fused_crop, uniforms
 from invasive_dist.data.kaggle import DataIndex, train_index
-from invasive_dist.data.torch_backend import TorchLoader, random_resized_crop_params
+from invasive_dist.data.torch_backend import TorchLoader, decode_rgb, random_resized_crop_params
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -133,6 +134,15 @@ def test_every_sample_once_per_epoch_and_resume_is_exact(index):
     assert sorted(torch.cat(seen).tolist()) == list(range(48))
     other = next(iter(loader.iter_epoch(4)))
     assert not torch.equal(other.images, full[0].images)  # another epoch, other crops
+
+
+def test_cache_built_in_chunks_equals_one_image_at_a_time(index, monkeypatch):
+    """The chunked build (read-ahead, decoding in the pool, one resize per chunk) stores what
+    decoding and resizing each file alone gives; 48 files in chunks of 5 end in a short chunk."""
+    monkeypatch.setattr(gpu_cache, "CUDA_DECODE_CHUNK", 5)
+    loader = GpuCacheLoader(index, cfg(), Shard(), CPU, True, 0)
+    want = torch.stack([loader._fit(decode_rgb(p)) for p in index.paths])
+    assert torch.equal(loader.images, want)
 
 
 def test_build_reports_time_bytes_and_progress(index, capsys):
