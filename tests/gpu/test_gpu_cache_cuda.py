@@ -8,6 +8,8 @@ the GPU resize round differently, each by at most a level on most pixels.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -35,7 +37,7 @@ def real_size(tmp_path_factory) -> DataIndex:
     from invasive_dist.data.synth import synthesize
 
     out = tmp_path_factory.mktemp("real-size") / "data"
-    synthesize(out, n_train=80, n_test=2, size=(1154, 866), seed=3)
+    synthesize(out, n_train=80, n_test=2, size=(1154, 866), seed=3, workers=min(8, os.cpu_count() or 1))
     return train_index(out)
 
 
