@@ -340,7 +340,7 @@ class GpuCacheLoader(LoaderBase):
             print(
                 f"gpu_cache: {'train' if train else 'eval'} cache of {len(positions):,} images at {H}x{W} "
                 f"on {self.device} built in {build_s:.1f} s, {self.build_info['cache_bytes'] / 2**30:.2f} GiB "
-                "on each rank",
+                "on this rank",
                 file=sys.stderr,
                 flush=True,
             )

@@ -152,7 +152,7 @@ def test_build_reports_time_bytes_and_progress(index, capsys):
     assert info["cache_build_s"] > 0
     err = capsys.readouterr().err
     assert "gpu_cache: decoding 48/48 images" in err and "img/s" in err  # stderr is not a TTY here
-    assert "built in" in err and "GiB on each rank" in err
+    assert "built in" in err and "GiB on this rank" in err
     GpuCacheLoader(index, cfg(), Shard(1, 2), CPU, False, 0)  # not the main process: silent
     assert capsys.readouterr().err == ""
 
