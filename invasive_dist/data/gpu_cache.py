@@ -11,12 +11,12 @@ docs/performance.md for what has and has not been measured.
 
 Building the cache. On CUDA: the files of a chunk of 64 are read by a thread pool while the previous
 chunk is on the device, decoded by one batched ``torchvision.io.decode_jpeg(device="cuda")`` call and
-resized on the GPU. That decoder (nvJPEG, the hardware JPEG engine on H100/H200) does not order its
-writes after the kernels queued on the current stream, so the device is synchronized before each
-call: otherwise a decode could overwrite memory that the previous chunk's resize or cache writes
-still read (cost: one sync per 64 images, at build time only). On CPU: torchvision decoding in a
-thread pool; the cache lives in host memory. Files with an EXIF rotation, or that nvJPEG refuses,
-are decoded on the CPU (EXIF applied, as the torch backend does); a file nothing can decode is a
+resized on the GPU. That decoder allocates its outputs on the current stream but has nvJPEG write
+them from a stream of its own that does not wait for the current one (pytorch/vision#9606): it can
+be handed memory that the previous chunk's queued resize or cache writes still read, and overwrite
+it. So the device is synchronized before each call (one sync per 64 images, at build time only).
+On CPU the same chunks are decoded in the thread pool and the cache lives in host memory. Files
+with an EXIF rotation, or that nvJPEG refuses, are decoded on the CPU (EXIF applied, as the torch backend does); a file nothing can decode is a
 UserError naming it. The main process (rank 0) prints a progress line (images/s, ETA; rewritten in
 place on a terminal, a plain line every 10 s otherwise) and every rank's time and bytes are kept in
 ``build_info``.
@@ -434,8 +434,8 @@ class GpuCacheLoader(LoaderBase):
             if gpu:
                 data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in gpu]
                 if cuda:
-                    # nvJPEG's hardware engine ignores stream order: let the previous chunk's resize
-                    # and cache writes finish before it may reuse their memory (module docstring).
+                    # The decoder writes from its own stream, unordered with ours: let the previous
+                    # chunk's resize and cache writes finish before it may reuse their memory.
                     torch.cuda.synchronize(self.device)
                     try:
                         decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
