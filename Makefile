@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA ?= data/synthetic
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint format clean-demo gpu-check
+.PHONY: demo test test-fast lint format clean-demo gpu-check gpu-check-dry
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,8 +44,12 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format invasive_dist tests
 	$(VENV)/bin/ruff check --fix invasive_dist tests
 
+# On a GPU machine (python3 with torch; see docs/performance.md). gpu-check-dry: its CPU parts here.
 gpu-check:
 	bash tests/gpu_check.sh
+
+gpu-check-dry: $(STAMP)
+	GPU_CHECK_DRY=1 PYTHON=$(PY) PATH="$(VENV)/bin:$$PATH" bash tests/gpu_check.sh
 
 clean-demo:
 	rm -rf runs/demo $(DEMO_DATA)

@@ -1,18 +1,25 @@
 """The gpu_cache backend: decode the split once, keep it on the device as uint8, augment batches there.
 
     loader = GpuCacheLoader(index, cfg.data, Shard(rank, world), device, train=True, seed=0)
+    loader.build_info  # {"cache_build_s": ..., "cache_bytes": ... (this rank), "cache_images": ...}
     for batch in loader.iter_epoch(epoch, start_step=0): ...
 
 The Kaggle train set is 2,295 images: decoded once and stored at a short side of 379 px
-(379x505x3 uint8, 0.57 MB each) it is 1.3 GB, small next to an H100's 80 GB, and after the first
-epoch no JPEG is decoded again. On one H100 80GB a prototype of this (2,295 images at 433x577,
-batched crop + flip + normalize) produced 84,933 img/s, far above what ResNet-50 consumes
-(``shared/device/README.md``); DALI streaming peaks at 5,238 img/s.
+(379x505x3 uint8, 0.57 MB each) it is 1.3 GB, small next to an H100's 80 GB, and after the build
+no JPEG is decoded again. No figure of this code on a GPU has been recorded yet: see
+docs/performance.md for what has and has not been measured.
 
-Building the cache: on CUDA, ``torchvision.io.decode_jpeg(device="cuda")`` in batches of 64 files
-(read by a thread pool), resized on the GPU; on CPU, torchvision decoding in a thread pool and the
-cache lives in host memory. Files with an EXIF rotation, or that nvJPEG refuses, are decoded on the
-CPU (EXIF applied, as the torch backend does); a file nothing can decode is a UserError naming it.
+Building the cache. On CUDA: the files of a chunk of 64 are read by a thread pool while the previous
+chunk is on the device, decoded by one batched ``torchvision.io.decode_jpeg(device="cuda")`` call and
+resized on the GPU. That decoder allocates its outputs on the current stream but has nvJPEG write
+them from a stream of its own that does not wait for the current one (pytorch/vision#9606): it can
+be handed memory that the previous chunk's queued resize or cache writes still read, and overwrite
+it. So the device is synchronized before each call (one sync per 64 images, at build time only).
+On CPU the same chunks are decoded in the thread pool and the cache lives in host memory. Files
+with an EXIF rotation, or that nvJPEG refuses, are decoded on the CPU (EXIF applied, as the torch backend does); a file nothing can decode is a
+UserError naming it. The main process (rank 0) prints a progress line (images/s, ETA; rewritten in
+place on a terminal, a plain line every 10 s otherwise) and every rank's time and bytes are kept in
+``build_info``.
 
 What is stored:
 
@@ -23,31 +30,45 @@ What is stored:
   follow the most common image size's aspect; an image of another aspect is center-cropped to that
   aspect first (no distortion). All Kaggle images are 1154x866, so none is cropped there.
 - eval: the final image_size crops of this rank's shard only, made by the torch backend's own
-  ``eval_transform`` (resize shorter side to ``eval_resize_size``, antialias, center crop), so an
-  evaluation is a gather + normalize, and on CPU it equals the torch backend bit for bit.
+  ``eval_transform``, so an evaluation is a gather + normalize; on CPU it equals the torch backend
+  bit for bit.
 
-Per training step, all on the device and with no host sync: the positions of ``base.train_plan``
-(same order as the torch backend), random-resized-crop boxes drawn as the torch backend draws them
-(area in [scale_min, 1], log-uniform aspect in [3/4, 4/3], the first of 10 tries that fits, else a
-center square) from a ``torch.Generator`` on the device seeded per (seed, epoch, rank, step), one
-``roi_align`` (torchvision's kernel) for crop + resize of the whole batch (``sampling_ratio=-1`` averages
-ceil(crop / image_size) samples per output pixel in each direction, an antialiasing box filter),
-flips and 90-degree rotations as ``torch.where`` over the batch, then normalization. A batch is a
-pure function of (seed, epoch, rank, step), so ``start_step`` resumes exactly.
+A training batch is made in four device operations and no host sync (``fused_crop``): gather the
+batch's uint8 images and widen them to the compute dtype (fp16 on CUDA, fp32 on CPU), then two
+batched matrix products with per-sample resampling matrices, ``out = Wy @ img @ Wx^T``. Row i of Wx
+holds the weights of output column i over the input columns: the triangle filter of torchvision's
+antialiased bilinear resize, widened by the scale factor when shrinking and limited to the crop box,
+i.e. what ``TF.resized_crop(..., antialias=True)`` computes. The at most 7 non-zero taps per row
+(505 -> 224) are computed and scattered into zeroed matrices; a flip reverses the rows of a matrix;
+the per-channel 1/(255 std) is folded into Wy; the last operation adds -mean/std while writing
+float32 in the model's memory format (with ``rot90``, a per-sample transpose before it). For 256
+crops of 224 px from 379x505 images that is about 95 GFLOP of fp16 matrix products and 2 GB of
+memory traffic (by arithmetic: 0.6 ms of an H100's 3.35 TB/s; not measured yet).
+
+The crop boxes and flips of an epoch are drawn on the host when the epoch starts, as the torch
+backend draws them (area in [scale_min, 1], log-uniform aspect in [3/4, 4/3], the first of 10 tries
+that fits, else a center square; hflip, vflip with probability 1/2; rot90 k uniform in 0..3), from
+per-sample seeds ``base.sample_seeds(seed, epoch, rank, slot)``: a batch is a pure function of
+(seed, epoch, rank, step) and ``start_step`` resumes exactly. They go to the device in one copy per
+epoch. On CUDA the next batch is prepared on a side stream while the current step runs (an event
+orders it before its use, ``record_stream`` keeps its memory alive); on CPU batches are made in turn.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections import Counter
-from collections.abc import Iterator
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.ops  # noqa: F401  (registers torch.ops.torchvision.roi_align)
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -61,16 +82,19 @@ from .base import (
     Shard,
     eval_plan,
     eval_resize_size,
+    sample_seeds,
     train_plan,
     train_steps,
 )
 from .kaggle import DataIndex
 from .torch_backend import decode_rgb, eval_transform
 
-CUDA_DECODE_CHUNK = 64  # files per batched nvJPEG call
+CUDA_DECODE_CHUNK = 64  # files per chunk of the build (one batched nvJPEG call on CUDA)
 EXIF_ORIENTATION = 0x0112
 LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 TRIES = 10  # random-resized-crop attempts before the center-square fallback, as torchvision
+DRAWS = 2 * TRIES + 5  # uniforms per sample: 10 x (area, aspect), top, left, hflip, vflip, rot90
+PROGRESS_EVERY_S = 10.0  # progress line period when stderr is not a terminal
 
 
 def train_short_side(cfg_data) -> int:
@@ -79,6 +103,150 @@ def train_short_side(cfg_data) -> int:
         return cfg_data.cache_short_side
     no_upsampling = math.ceil(cfg_data.image_size / math.sqrt(cfg_data.scale_min))
     return max(no_upsampling, eval_resize_size(cfg_data.image_size, cfg_data.eval_crop_pct))
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation parameters, drawn on the host.
+
+
+def uniforms(seeds: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) uniforms in [0, 1) from n 63-bit seeds: SplitMix64 of (seed, j), vectorized."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2**64 by design
+        z = seeds.astype(np.uint64)[:, None] + (
+            np.arange(1, k + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        )
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Per-sample crop box in the stored image (pixels) and the dihedral transform after it,
+    written as flips of the crop's own axes followed by an optional transpose."""
+
+    top: np.ndarray  # (n,) int64
+    left: np.ndarray  # (n,) int64
+    height: np.ndarray  # (n,) int64
+    width: np.ndarray  # (n,) int64
+    flip_h: np.ndarray  # (n,) bool: reverse the rows (a vertical flip)
+    flip_w: np.ndarray  # (n,) bool: reverse the columns (a horizontal flip)
+    transpose: np.ndarray  # (n,) bool: swap rows and columns last
+
+    def packed(self) -> np.ndarray:
+        """(n, 7) float32 for one host-to-device copy (all values are exact in float32)."""
+        cols = (self.top, self.left, self.height, self.width, self.flip_h, self.flip_w, self.transpose)
+        return np.stack([c.astype(np.float32) for c in cols], 1)
+
+
+def crop_plan(
+    seeds: np.ndarray, h: int, w: int, scale_min: float, hflip: bool, vflip: bool, rot90: bool
+) -> CropPlan:
+    """``torch_backend.random_resized_crop_params`` and ``train_transform``'s flips for n samples
+    of an (h, w) image, one seed each. The draws are made whatever the config, so the boxes do not
+    depend on which flips are on."""
+    u = uniforms(seeds, DRAWS)
+    n = len(seeds)
+    tries = u[:, : 2 * TRIES].reshape(n, TRIES, 2)
+    area = h * w * (scale_min + (1 - scale_min) * tries[..., 0])
+    ratio = np.exp(LOG_RATIO[0] + (LOG_RATIO[1] - LOG_RATIO[0]) * tries[..., 1])
+    cw, ch = (
+        np.round(np.sqrt(area * ratio)),
+        np.round(np.sqrt(area / ratio)),
+    )  # round half to even, as round()
+    fits = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
+    first = fits.argmax(1)  # the first try that fits
+    any_fit = fits.any(1)
+    side = min(h, w)
+    rows = np.arange(n)
+    cw = np.where(any_fit, cw[rows, first], side).astype(np.int64)
+    ch = np.where(any_fit, ch[rows, first], side).astype(np.int64)
+    r = u[:, 2 * TRIES :]
+    top = np.where(any_fit, np.minimum(np.floor(r[:, 0] * (h - ch + 1)), h - ch), (h - ch) // 2)
+    left = np.where(any_fit, np.minimum(np.floor(r[:, 1] * (w - cw + 1)), w - cw), (w - cw) // 2)
+    fh = (r[:, 2] < 0.5) & hflip  # horizontal flip: reverse the columns
+    fv = (r[:, 3] < 0.5) & vflip
+    k = np.floor(r[:, 4] * 4).astype(np.int64) if rot90 else np.zeros(n, np.int64)
+    # rot90(x, k) after the flips, as flips first and a transpose last: rot90 by 1 is
+    # transpose(flip_w(x)), by 2 flip_h(flip_w(x)), by 3 transpose(flip_h(x)) (tested against torch.rot90).
+    flip_w = fh ^ ((k == 1) | (k == 2))
+    flip_h = fv ^ ((k == 2) | (k == 3))
+    return CropPlan(top.astype(np.int64), left.astype(np.int64), ch, cw, flip_h, flip_w, (k == 1) | (k == 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused crop + resize + flip + normalize.
+
+
+def resample_taps(
+    start: torch.Tensor, length: torch.Tensor, flip: torch.Tensor, in_size: int, out_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-zero part of an antialiased bilinear resize of [start, start + length) to out_size
+    pixels (torchvision's and PIL's triangle filter, its support widened by the scale when
+    shrinking), output order reversed where ``flip``: (n, out_size, K) input positions (``in_size``
+    for taps outside the crop) and float32 weights summing to 1 per output pixel. ``start``,
+    ``length`` and ``flip`` are (n,) float32 tensors on the device; K = ceil(2 in/out) + 2 bounds
+    the taps of any crop (7 for 505 -> 224), so this costs n x out x K, not n x out x in."""
+    dev, n = start.device, start.numel()
+    k = math.ceil(2 * max(in_size / out_size, 1.0)) + 2
+    i = torch.arange(out_size, device=dev, dtype=torch.float32)
+    i = torch.where(flip.view(n, 1) > 0, out_size - 1 - i, i).view(n, out_size, 1)
+    scale = (length / out_size).view(n, 1, 1)
+    support = scale.clamp(min=1.0)
+    center = start.view(n, 1, 1) + (i + 0.5) * scale  # in input pixels; pixel j spans [j, j + 1)
+    # Taps: every j with |j + 0.5 - center| < support, i.e. from floor(center - support - 0.5) + 1.
+    j = torch.floor(center - support - 0.5) + 1 + torch.arange(k, device=dev, dtype=torch.float32)
+    wgt = (1 - (j + 0.5 - center).abs() / support).clamp(min=0)
+    inside = (j >= start.view(n, 1, 1)) & (j < (start + length).view(n, 1, 1))
+    wgt = wgt * inside
+    return torch.where(inside, j, float(in_size)).long(), wgt / wgt.sum(2, keepdim=True)
+
+
+def resample_matrix(taps: torch.Tensor, wgt: torch.Tensor, in_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """(..., out, in) dense matrices from ``resample_taps`` (weights broadcast over leading dims):
+    zeros with one spare column that the taps outside the crop write to, cut off afterwards."""
+    shape = torch.broadcast_shapes(taps.shape, wgt.shape)
+    dense = torch.zeros((*shape[:-1], in_size + 1), dtype=dtype, device=wgt.device)
+    dense.scatter_(-1, taps.expand(shape), wgt.expand(shape).to(dtype))
+    return dense[..., :in_size]
+
+
+def fused_crop(
+    cache: torch.Tensor,
+    rows: torch.Tensor,
+    params: torch.Tensor,
+    size: int,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    channels_last: bool,
+    transpose: bool,
+) -> torch.Tensor:
+    """(B, 3, size, size) float32 normalized crops of ``cache[rows]`` (uint8 (N, 3, H, W)) along
+    ``params`` ((B, 7) float32, ``CropPlan.packed``). ``scale`` (3,) = 1/(255 std), ``shift``
+    (1, 3, 1, 1) = -mean/std. ``transpose``: whether any sample may be transposed (rot90)."""
+    b = rows.numel()
+    _, c, h, w = cache.shape
+    # fp16 holds 0..255 exactly and the matrix products accumulate in fp32 on tensor cores; on CPU
+    # fp16 products are slow, so fp32 there.
+    dtype = torch.float16 if cache.is_cuda else torch.float32
+    top, left, ch, cw, flip_h, flip_w, tr = params.unbind(1)
+    wx = resample_matrix(*resample_taps(left, cw, flip_w, w, size), w, dtype)  # (B, S, W)
+    taps, wgt = resample_taps(top, ch, flip_h, h, size)
+    wgt = wgt.unsqueeze(1) * scale.view(1, c, 1, 1)  # the per-channel 1 / (255 std) folded in
+    wy = resample_matrix(taps.unsqueeze(1), wgt, h, dtype)  # (B, 3, S, H)
+    x = cache.index_select(0, rows).to(dtype)  # (B, 3, H, W)
+    x = torch.bmm(x.view(b, c * h, w), wx.transpose(1, 2)).view(b, c, h, size)  # columns first
+    x = torch.matmul(wy, x)  # (B, 3, S, S)
+    if transpose:
+        x = torch.where(tr.view(b, 1, 1, 1) > 0, x.transpose(2, 3), x)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((b, c, size, size), dtype=torch.float32, device=cache.device, memory_format=fmt)
+    return torch.add(x, shift, out=out)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache build.
 
 
 def _oriented_size(path: Path) -> tuple[int, int]:
@@ -109,6 +277,43 @@ def _needs_cpu_decode(path: Path, data: bytes) -> bool:
         return True  # the CPU decoder names the file if it is broken
 
 
+def _read(path: Path) -> tuple[bytes, bool]:
+    """The file's bytes and whether it must be decoded on the CPU."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: image file is missing (run `invasive-dist check-data`)") from None
+    return data, _needs_cpu_decode(path, data)
+
+
+def _decode_or_none(data: torch.Tensor) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return None  # decode_rgb names the file
+
+
+class Progress:
+    """``gpu_cache: 1,024/2,295 images, 812 img/s, ETA 2 s`` on stderr: rewritten in place on a
+    terminal, a plain line every ``PROGRESS_EVERY_S`` otherwise; silent when ``enabled`` is false."""
+
+    def __init__(self, total: int, what: str, enabled: bool) -> None:
+        self.total, self.what, self.enabled = total, what, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (not self.tty and now - self.last < PROGRESS_EVERY_S and done < self.total):
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        line = f"gpu_cache: {self.what} {done:,}/{self.total:,} images, {rate:,.0f} img/s, ETA {eta:.0f} s"
+        end = "" if self.tty and done < self.total else "\n"
+        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+
+
 class GpuCacheLoader(LoaderBase):
     """One split, one rank: the split decoded once onto ``device``; batches augmented there."""
 
@@ -135,9 +340,30 @@ class GpuCacheLoader(LoaderBase):
         row_of[torch.from_numpy(positions)] = torch.arange(len(positions))
         self.row_of = row_of.to(self.device)
         self.labels = torch.tensor(np.asarray(index.labels, dtype=np.float32), device=self.device)
+        t0 = time.perf_counter()
         self.images = self._build_cache(positions)  # (rows, 3, H, W) uint8 on the device
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the build's time includes its queued kernels
+        build_s = time.perf_counter() - t0
+        self.build_info: dict = {
+            "cache_build_s": build_s,
+            "cache_bytes": self.images.numel() * self.images.element_size(),  # this rank's
+            "cache_images": len(positions),
+        }
+        if shard.rank == 0:
+            H, W = self.images.shape[-2:]
+            print(
+                f"gpu_cache: {'train' if train else 'eval'} cache of {len(positions):,} images at {H}x{W} "
+                f"on {self.device} built in {build_s:.1f} s, {self.build_info['cache_bytes'] / 2**30:.2f} GiB "
+                "on this rank",
+                file=sys.stderr,
+                flush=True,
+            )
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * self.std.view(3))
+        self.shift = -self.mean / self.std
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     # ------------------------------------------------------------------------------------------
     # The cache.
@@ -180,36 +406,45 @@ class GpuCacheLoader(LoaderBase):
                     )
             cache = torch.empty((len(positions), 3, H, W), dtype=torch.uint8, device=self.device)
             paths = [self.index.paths[i] for i in positions]
-            if self.device.type == "cuda":
-                self._fill_cuda(cache, paths, pool)
-            else:
-
-                def one(row: int) -> None:
-                    cache[row] = self._fit(decode_rgb(paths[row]))
-
-                list(pool.map(one, range(len(paths))))
+            self._fill(cache, paths, pool, Progress(len(paths), "decoding", self.shard.rank == 0))
         return cache
 
-    def _fill_cuda(self, cache: torch.Tensor, paths: list[Path], pool: ThreadPoolExecutor) -> None:
-        def read(path: Path) -> bytes:
-            try:
-                return Path(path).read_bytes()
-            except FileNotFoundError:
-                raise UserError(f"{path}: image file is missing (run `invasive-dist check-data`)") from None
+    def _fill(
+        self, cache: torch.Tensor, paths: list[Path], pool: ThreadPoolExecutor, progress: Progress
+    ) -> None:
+        """Decode, fit and store ``paths`` in chunks; the same steps on CPU, where the decoding of a
+        chunk is spread over the thread pool instead of one batched nvJPEG call."""
+        cuda = self.device.type == "cuda"
+        chunks = [paths[s : s + CUDA_DECODE_CHUNK] for s in range(0, len(paths), CUDA_DECODE_CHUNK)]
 
-        for start in range(0, len(paths), CUDA_DECODE_CHUNK):
-            chunk = paths[start : start + CUDA_DECODE_CHUNK]
-            blobs = list(pool.map(read, chunk))
+        def submit(c: int) -> list:
+            return [pool.submit(_read, p) for p in chunks[c]]
+
+        # The files of the next two chunks are read (and their headers checked) while one decodes;
+        # no further, so that host memory holds at most three chunks of JPEG bytes.
+        ahead = deque(submit(c) for c in range(min(2, len(chunks))))
+        for c, chunk in enumerate(chunks):
+            reads = [f.result() for f in ahead.popleft()]
+            if c + 2 < len(chunks):
+                ahead.append(submit(c + 2))
+            blobs = [blob for blob, _ in reads]
+            start = c * CUDA_DECODE_CHUNK
             images: list[torch.Tensor | None] = [None] * len(chunk)
-            gpu = [i for i, (p, b) in enumerate(zip(chunk, blobs)) if b and not _needs_cpu_decode(p, b)]
+            gpu = [i for i, (blob, cpu_only) in enumerate(reads) if blob and not cpu_only]
             if gpu:
                 data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in gpu]
-                try:
-                    decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-                    for i, img in zip(gpu, decoded):
-                        images[i] = img
-                except RuntimeError:
-                    pass  # one bad file fails the whole call: the CPU pass below names it
+                if cuda:
+                    # The decoder writes from its own stream, unordered with ours: let the previous
+                    # chunk's resize and cache writes finish before it may reuse their memory.
+                    torch.cuda.synchronize(self.device)
+                    try:
+                        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+                    except RuntimeError:  # one bad file fails the whole call: the CPU pass names it
+                        decoded = [None] * len(gpu)
+                else:
+                    decoded = list(pool.map(_decode_or_none, data))
+                for i, img in zip(gpu, decoded):
+                    images[i] = img
             for i, img in enumerate(images):
                 if img is None:
                     images[i] = decode_rgb(chunk[i]).to(self.device)
@@ -220,15 +455,30 @@ class GpuCacheLoader(LoaderBase):
             for rows in by_size.values():
                 fitted = self._fit(torch.stack([images[i] for i in rows]))
                 cache[torch.tensor([start + i for i in rows], device=self.device)] = fitted
+            progress.update(start + len(chunk))
+        if cuda:
+            torch.cuda.synchronize(self.device)  # the last chunk's kernels before the decoder is freed
 
     # ------------------------------------------------------------------------------------------
     # Batches.
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
+        t = torch.from_numpy(np.ascontiguousarray(arr))
         if self.device.type == "cuda":
             t = t.pin_memory()  # so the copy is asynchronous
         return t.to(self.device, non_blocking=True)
+
+    def epoch_params(self, epoch: int) -> tuple[np.ndarray, CropPlan]:
+        """This rank's (steps, batch) sample positions of the epoch and their crops, on the host."""
+        plan = train_plan(self.n, self.batch, self.shard, self.seed, epoch)
+        steps, batch = plan.shape
+        # The seed of a sample depends on its slot, as in the torch backend: a sample drawn twice
+        # (wrap padding) gets two different augmentations.
+        slots = plan.astype(np.int64) + np.int64(self.n) * np.arange(steps * batch).reshape(steps, batch)
+        seeds = sample_seeds(self.seed, epoch, self.shard.rank, slots.ravel())
+        H, W = self.stored
+        d = self.d
+        return plan, crop_plan(seeds, H, W, d.scale_min, d.hflip, d.vflip, d.rot90)
 
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         if start_step >= self.steps_per_epoch:
@@ -236,63 +486,73 @@ class GpuCacheLoader(LoaderBase):
         if not self.train:
             lengths = [len(p) for p in self.plan]
             # One host-to-device copy for the whole evaluation, split into per-step views.
-            steps = self._to_device(np.concatenate(self.plan)).split(lengths)
-            for idx in steps[start_step:]:
-                images = self.images.index_select(0, self.row_of[idx]).float()
-                yield Batch(self._normalize(images), self.labels[idx], idx)
+            with self._on_side():
+                steps = self._to_device(np.concatenate(self.plan).astype(np.int64)).split(lengths)
+            yield from self._prefetched(
+                lambda s: self._eval_batch(steps[s]), range(start_step, self.steps_per_epoch)
+            )
             return
-        n, rank = len(self.index), self.shard.rank
-        plan = self._to_device(train_plan(n, self.batch, self.shard, self.seed, epoch))
-        step_seeds = np.random.SeedSequence([self.seed, epoch, rank, 0x6C]).generate_state(
-            len(plan), np.uint64
-        )
-        gen = torch.Generator(device=self.device)
-        for step in range(start_step, self.steps_per_epoch):
-            gen.manual_seed(int(step_seeds[step] >> np.uint64(1)))
-            idx = plan[step]
-            yield Batch(self._augment(self.row_of[idx], gen), self.labels[idx], idx)
+        plan, crops = self.epoch_params(epoch)
+        b = self.batch
+        with self._on_side():
+            idx_all = self._to_device(plan.astype(np.int64))  # (steps, batch)
+            params_all = self._to_device(crops.packed())  # (steps * batch, 7)
+        transpose = bool(crops.transpose.any())
 
-    def _augment(self, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        d, dev = self.d, self.device
-        b, size = rows.numel(), d.image_size
-        H, W = self.stored
-        # Random resized crop, as torch_backend.random_resized_crop_params draws it, for the batch.
-        u = torch.rand((b, TRIES, 2), generator=gen, device=dev, dtype=torch.float64)
-        area = H * W * (d.scale_min + (1 - d.scale_min) * u[..., 0])
-        ratio = torch.exp(LOG_RATIO[0] + (LOG_RATIO[1] - LOG_RATIO[0]) * u[..., 1])
-        cw, ch = torch.sqrt(area * ratio).round(), torch.sqrt(area / ratio).round()
-        fits = (cw >= 1) & (cw <= W) & (ch >= 1) & (ch <= H)
-        first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits
-        side = float(min(H, W))
-        any_fit = fits.any(1)
-        cw = torch.where(any_fit, cw.gather(1, first).squeeze(1), side)
-        ch = torch.where(any_fit, ch.gather(1, first).squeeze(1), side)
-        r = torch.rand((b, 5), generator=gen, device=dev, dtype=torch.float64)
-        top = torch.where(any_fit, torch.floor(r[:, 0] * (H - ch + 1)).clamp_max(H - ch), (H - ch) // 2)
-        left = torch.where(any_fit, torch.floor(r[:, 1] * (W - cw + 1)).clamp_max(W - cw), (W - cw) // 2)
-        boxes = torch.stack(
-            [torch.arange(b, device=dev, dtype=torch.float64), left, top, left + cw, top + ch], 1
-        )
-        x = self.images.index_select(0, rows).float()
-        # torchvision's kernel (input, rois, spatial_scale, out_h, out_w, sampling_ratio, aligned), not the
-        # torchvision.ops.roi_align wrapper: under torch.use_deterministic_algorithms (train.deterministic)
-        # on CUDA the wrapper swaps in a pure-PyTorch version that, with adaptive sampling, materializes
-        # every input pixel for every output pixel. The forward kernel is deterministic as it is.
-        out = torch.ops.torchvision.roi_align(x, boxes.float(), 1.0, size, size, -1, True)
-        # Flips and rotations: the draws are made whatever the config, so the crops do not depend on it.
-        if d.hflip:
-            out = torch.where((r[:, 2] < 0.5).view(b, 1, 1, 1), out.flip(3), out)
-        if d.vflip:
-            out = torch.where((r[:, 3] < 0.5).view(b, 1, 1, 1), out.flip(2), out)
-        if d.rot90:
-            k = torch.floor(r[:, 4] * 4).view(b, 1, 1, 1)
-            base = out
-            for quarter in (1, 2, 3):
-                out = torch.where(k == quarter, base.rot90(quarter, dims=(2, 3)), out)
-        return self._normalize(out)  # the float crops, not rounded back to uint8 first
+        def make(step: int) -> Batch:
+            idx = idx_all[step]
+            with torch.autocast(self.device.type, enabled=False):  # fp16/fp32 products, whatever the caller
+                images = fused_crop(
+                    self.images,
+                    self.row_of[idx],
+                    params_all[step * b : (step + 1) * b],
+                    self.d.image_size,
+                    self.scale,
+                    self.shift,
+                    self.channels_last,
+                    transpose,
+                )
+            return Batch(images, self.labels[idx], idx)
 
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """``base.normalize_on_device``'s arithmetic with mean and std made once: that function builds
-        them per batch (``torch.tensor(..., device=cuda)``), a blocking host-to-device copy."""
-        x = x.div_(255.0).sub_(self.mean).div_(self.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        yield from self._prefetched(make, range(start_step, self.steps_per_epoch))
+
+    def _eval_batch(self, idx: torch.Tensor) -> Batch:
+        x = self.images.index_select(0, self.row_of[idx])
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        out = torch.empty(x.shape, dtype=torch.float32, device=self.device, memory_format=fmt)
+        # base.normalize_on_device's arithmetic, so that on CPU it equals the torch backend's batch.
+        out.copy_(x).div_(255.0).sub_(self.mean).div_(self.std)
+        return Batch(out, self.labels[idx], idx)
+
+    def _on_side(self):
+        """The side stream on CUDA (after everything queued on the current one), else nothing."""
+        if self._side is None:
+            return contextlib.nullcontext()
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self._side)
+
+    def _prefetched(self, make: Callable[[int], Batch], steps: range) -> Iterator[Batch]:
+        """``make(step)`` for each step; on CUDA made on the side stream one step ahead: batch k+1 is
+        queued there before batch k is handed out, so it is made while step k trains."""
+        if self._side is None:
+            for s in steps:
+                yield make(s)
+            return
+
+        def launch(s: int) -> tuple[Batch, torch.cuda.Event]:
+            with self._on_side():
+                batch = make(s)
+                done = torch.cuda.Event()
+                done.record(self._side)
+            return batch, done
+
+        ahead = launch(steps[0])
+        for k in range(len(steps)):
+            batch, done = ahead
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(done)
+            for t in (batch.images, batch.labels, batch.index):
+                t.record_stream(main)  # memory made on the side stream, used on the main one
+            if k + 1 < len(steps):
+                ahead = launch(steps[k + 1])
+            yield batch

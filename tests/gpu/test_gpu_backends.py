@@ -1,7 +1,7 @@
 """DALI ``mixed`` decoding and the gpu_cache backend on CUDA yield the same kind of batch as on CPU.
 
 Skipped without CUDA (and the DALI tests without nvidia.dali). Run on a GPU machine with
-``pytest -m gpu tests/integration/test_gpu_backends.py``. The eval tolerances against the CPU torch
+``pytest -m gpu tests/gpu`` (``bash tests/gpu_check.sh`` runs them with the benchmarks). The eval tolerances against the CPU torch
 backend are wider than the CPU tests' one uint8 level: nvJPEG (and the hardware decoder) and the GPU
 resize kernels round differently from libjpeg-turbo and torchvision's CPU resize.
 """
@@ -113,8 +113,8 @@ def test_gpu_cache_steps_do_not_sync_the_host(index):
 
 
 def test_gpu_cache_under_deterministic_algorithms(index):
-    """train.deterministic turns on torch.use_deterministic_algorithms; the crop kernel must still be
-    the fused one (torchvision's Python fallback would need terabytes for adaptive sampling)."""
+    """train.deterministic turns on torch.use_deterministic_algorithms: the fused crop (gather and
+    matrix products) must still run, and give the same batches twice."""
     dev = torch.device("cuda", torch.cuda.current_device())
     from invasive_dist.data.gpu_cache import GpuCacheLoader
 

@@ -1,0 +1,114 @@
+"""gpu_cache on CUDA: the GPU-decoded cache, the fp16 fused crop on the side stream, and no host sync.
+
+Skipped without CUDA. The JPEGs are the project generator's at the competition's 1154x866, so the
+batched nvJPEG decode and the GPU resize run at the real size. Against the CPU (libjpeg-turbo +
+torchvision's CPU resize) the cache may differ by rounding: nvJPEG's IDCT and chroma upsampling and
+the GPU resize round differently, each by at most a level on most pixels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from invasive_dist.config import DataConfig
+from invasive_dist.data import gpu_cache
+from invasive_dist.data.base import IMAGENET_STD, Shard
+from invasive_dist.data.gpu_cache import GpuCacheLoader
+from invasive_dist.data.kaggle import DataIndex, train_index
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+CPU = torch.device("cpu")
+ONE_LEVEL = 1 / 255 / min(IMAGENET_STD)  # 0.0175 in normalized units
+
+
+def cuda() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+@pytest.fixture(scope="module")
+def real_size(tmp_path_factory) -> DataIndex:
+    """80 generated JPEGs of 1154x866: more than one 64-file nvJPEG chunk."""
+    from invasive_dist.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("real-size") / "data"
+    synthesize(out, n_train=80, n_test=2, size=(1154, 866), seed=3, workers=min(8, os.cpu_count() or 1))
+    return train_index(out)
+
+
+def cfg(**kw) -> DataConfig:
+    # num_workers=0: gpu_cache uses no DataLoader workers.
+    return DataConfig(image_size=224, batch_size=16, num_workers=0, **kw)
+
+
+def test_gpu_decoded_cache_equals_the_cpu_one_within_a_level(real_size):
+    got = GpuCacheLoader(real_size, cfg(), Shard(), cuda(), True, 0).images.cpu().int()
+    ref = GpuCacheLoader(real_size, cfg(), Shard(), CPU, True, 0).images.int()
+    assert got.shape == ref.shape == (80, 3, 379, 505)
+    diff = (got - ref).abs().float()
+    print(
+        f"GPU vs CPU cache: mean {diff.mean():.3f}, p99 {diff.flatten().quantile(0.99):.0f}, max {diff.max():.0f} levels"
+    )
+    assert diff.mean() < 0.5 and diff.flatten().quantile(0.99) <= 1
+
+
+def test_decode_is_ordered_after_queued_work(real_size, monkeypatch):
+    """Each batched nvJPEG call starts with nothing left in flight on the current stream."""
+    idle = []
+    real = gpu_cache.decode_jpeg
+
+    def checked(*args, **kw):
+        idle.append(torch.cuda.current_stream().query())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gpu_cache, "decode_jpeg", checked)
+    GpuCacheLoader(real_size, cfg(), Shard(), cuda(), True, 0)
+    assert idle == [True, True]  # 80 files: two chunks
+
+
+def test_cuda_batches_equal_cpu_batches_from_the_same_cache(real_size):
+    """Same cache, same plan: the fp16 products on the side stream agree with CPU fp32 to well under
+    a level (a race between the streams would show as whole wrong images)."""
+    for rank in (0, 1):
+        ref_loader = GpuCacheLoader(real_size, cfg(rot90=True), Shard(rank, 2), CPU, True, 0)
+        loader = GpuCacheLoader(
+            real_size, cfg(rot90=True), Shard(rank, 2), cuda(), True, 0, channels_last=True
+        )
+        loader.images = ref_loader.images.to(loader.device)
+        ref = list(ref_loader.iter_epoch(5))
+        got = list(loader.iter_epoch(5))
+        assert len(got) == len(ref) == loader.steps_per_epoch
+        for a, b in zip(got, ref):
+            assert torch.equal(a.index.cpu(), b.index)
+            assert a.images.is_contiguous(memory_format=torch.channels_last)
+            diff = (a.images.cpu() - b.images).abs()
+            assert diff.mean() < 0.1 * ONE_LEVEL and diff.max() < ONE_LEVEL, (diff.mean(), diff.max())
+
+
+def test_steps_sync_the_host_nowhere(real_size, monkeypatch):
+    """Iterating an epoch, with a consumer on the main stream as the training step is, makes no
+    synchronizing CUDA call (the debug mode raises on one) and calls no synchronize."""
+    calls = []
+    real = torch.cuda.synchronize
+    for train in (True, False):
+        loader = GpuCacheLoader(real_size, cfg(rot90=True), Shard(0, 1), cuda(), train, 0, channels_last=True)
+        total = torch.zeros((), device=loader.device)
+        it = loader.iter_epoch(0)
+        next(it)  # the epoch's one upload of the plan happens before the first batch
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: (calls.append(a), real(*a, **k)))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            n = 0
+            for batch in it:
+                total += batch.images.float().square().mean() + batch.labels.sum()
+                n += 1
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            monkeypatch.setattr(torch.cuda, "synchronize", real)
+        assert n == loader.steps_per_epoch - 1 and calls == []
+        assert torch.isfinite(total).item()
