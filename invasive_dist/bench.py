@@ -34,6 +34,7 @@ Measured on one H100 80GB HBM3, ResNet-50, 224 px, bf16, channels_last, batch 25
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import itertools
 import json
@@ -48,9 +49,12 @@ from pathlib import Path
 
 import torch
 
+from .build import loader_config
 from .config import Config, _set_dotted, config_from_dict, load_config, parse_override, to_dict
 from .data import BACKENDS, Batch, build_loader, resolve_backend
-from .errors import EXIT_USER_ERROR, UserError
+from .distributed import build_accelerator, world_info_from_env
+from .errors import UserError
+from .train import Trainer, build_parts
 
 
 def _sync(device: torch.device) -> None:
@@ -252,12 +256,16 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def measure_model(trainer, warmup: int, steps: int) -> dict:
     """(b) ``trainer.train_step`` fed from a few batches made on the device once."""
-    d = trainer.cfg.data
+    plan = trainer.plan
     pool = batch_pool(
-        min(4, steps + warmup), d.batch_size, d.image_size, trainer.device, trainer.channels_last
+        min(4, steps + warmup),
+        plan.per_device,
+        trainer.cfg.data.image_size,
+        trainer.device,
+        trainer.channels_last,
     )
     batches = itertools.cycle(pool)
-    per_step = d.batch_size * trainer.cfg.train.grad_accum
+    per_step = plan.per_device * plan.accum
 
     def step() -> int:
         trainer.train_step(lambda: next(batches))
@@ -270,9 +278,11 @@ def measure_backend(trainer, cfg: Config, warmup: int, steps: int) -> dict:
     """(a) the loader of ``cfg.data.backend`` alone and (c) ``trainer.train_step`` fed by it."""
     device = trainer.device
     t0 = time.perf_counter()
-    loader = build_loader(trainer.train_idx, cfg, trainer.shard, device, True, trainer.channels_last)
+    lcfg = loader_config(cfg, trainer.plan)
+    loader = build_loader(trainer.train_idx, lcfg, trainer.shard, device, True, trainer.channels_last)
     setup_s = time.perf_counter() - t0
-    per_step = cfg.data.batch_size * cfg.train.grad_accum
+    per_step = trainer.plan.per_device * trainer.plan.accum
+    build_info = getattr(loader, "build_info", None)  # gpu_cache: cache_build_s, cache_bytes, ...
 
     it = endless(loader)
     try:
@@ -292,6 +302,7 @@ def measure_backend(trainer, cfg: Config, warmup: int, steps: int) -> dict:
     finally:
         it2.close()
     return {
+        **(dict(build_info) if build_info else {}),
         "setup_s": setup_s,
         "input_img_per_s": inp["img_per_s"],
         "e2e_img_per_s": e2e["img_per_s"],
@@ -310,9 +321,6 @@ def run_bench(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Measure model once and (input, e2e) per backend; write and return the bench.json content."""
-    from .distributed import build_accelerator, world_info_from_env
-    from .train import Trainer
-
     if steps < 1 or warmup < 0:
         raise UserError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
     world = world_info_from_env()
@@ -322,13 +330,11 @@ def run_bench(
     parsed = [parse_backend(s, cfg) for s in specs]  # config errors before any work
     out_path = Path(out_dir or cfg.run_dir) / "bench.json"
 
-    # The model side is the Trainer's own train_step. It is built with the torch backend, whose
-    # loaders cost nothing until iterated; each benchmarked backend builds its own loader below.
-    raw = to_dict(cfg)
-    raw["data"]["backend"] = "torch"
-    model_cfg = config_from_dict(raw)
-    acc = accelerator or build_accelerator(model_cfg, world)
-    trainer = Trainer(model_cfg, acc, world)
+    # The model side is the Trainer's own train_step, built without loaders (nor a checkpoint to
+    # resume): each benchmarked backend builds its own loader below.
+    acc = accelerator or build_accelerator(cfg, world)
+    parts = build_parts(dataclasses.replace(cfg, resume=""), acc, world, train_loader=False, val_loader=False)
+    trainer = Trainer(cfg, acc, world, parts)
     trainer.model.train()
     device = trainer.device
     d, t = cfg.data, cfg.train
@@ -336,8 +342,8 @@ def run_bench(
     settings = {
         "arch": cfg.model.arch,
         "image_size": d.image_size,
-        "batch_size": d.batch_size,
-        "grad_accum": t.grad_accum,
+        "batch_size": trainer.plan.per_device,
+        "grad_accum": trainer.plan.accum,
         "mixed_precision": t.mixed_precision,
         "channels_last": trainer.channels_last,
         "compile": t.compile,
@@ -353,7 +359,7 @@ def run_bench(
     }
     result = {"settings": settings, "hardware": hw, "model_img_per_s": None, "rows": []}
     log(
-        f"bench: {cfg.model.arch} {d.image_size}px batch {d.batch_size}x{t.grad_accum} "
+        f"bench: {cfg.model.arch} {d.image_size}px batch {trainer.plan.per_device}x{trainer.plan.accum} "
         f"precision {t.mixed_precision} channels_last {trainer.channels_last} compile {t.compile} "
         f"on {describe_device(hw)}; {warmup} warm-up + {steps} measured steps each"
     )
@@ -430,17 +436,7 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     return s
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m invasive_dist.bench ARGS`` = ``invasive-dist bench ARGS``."""
-    parser = argparse.ArgumentParser(prog="invasive-dist")
-    add_subcommand(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.fn(args)
-    except UserError as e:
-        print(f"invasive-dist bench: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+if __name__ == "__main__":  # ``python -m invasive_dist.bench ARGS`` = ``invasive-dist bench ARGS``
+    from .cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

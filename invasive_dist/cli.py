@@ -71,15 +71,14 @@ def _accelerator(cfg):
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .train import Trainer
+    from .train import Trainer, build_parts
 
     cfg = load_config(args.config, args.overrides)
     acc, world = _accelerator(cfg)
-    trainer = Trainer(cfg, acc, world)
-    result = trainer.fit()
+    result = Trainer(cfg, acc, world, build_parts(cfg, acc, world)).fit()
     if acc.is_main_process:
         print(
-            f"best val/auc {result['best_auc']:.4f} after {result['epoch']} epoch(s); run directory {cfg.run_dir}"
+            f"best val/auc {result.best_auc:.4f} after {result.epoch} epoch(s); run directory {cfg.run_dir}"
         )
     return 0
 

@@ -39,8 +39,10 @@ import torch
 from .checkpoint import Checkpointer, load_checkpoint
 from .config import Config, load_config
 from .data import Shard, build_loader
+from .data.check import cached_check
 from .data.kaggle import DataIndex, read_csv_text, test_index
 from .errors import UserError
+from .evaluation import gather_unique
 from .models import build_model
 
 FOLD_DIR_RE = re.compile(r"^fold(\d+)$")
@@ -147,8 +149,6 @@ def tta_probs(
 def predict_probs(model, loader, acc, tta: str, channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
     """(positions, mean probability over TTA views) for every sample of the loader's split,
     each exactly once, identical on every rank."""
-    from .train import gather_unique
-
     idx, probs, labels = [], [], []
     for batch in loader.iter_epoch(0):
         probs.append(tta_probs(model, batch.images, tta, channels_last, acc.autocast))
@@ -235,8 +235,6 @@ def write_submission(names: list[str], probs: np.ndarray, out: Path, extra: dict
 def _checked_test_index(data_root: Path, cache_dir: Path) -> DataIndex:
     """The test images in submission order, after the data check: a missing, empty, truncated or
     non-JPEG test image stops prediction with a message naming it (a submission must cover all)."""
-    from .data.check import cached_check
-
     index = test_index(data_root)
     cached_check(Path(data_root), "train_labels.csv", cache_dir).require("predict")
     return index
