@@ -1,7 +1,7 @@
 """``invasive-dist bench``: is the training loop bound by the input pipeline or by the model?
 
     invasive-dist bench --config configs/bench_r50.yaml --backend torch --backend dali
-    python -m invasive_dist.bench --config configs/bench_r50.yaml --backend gpu_cache   # the same
+    python -m invasive_dist bench --config configs/bench_r50.yaml --backend gpu_cache    # the same
     invasive-dist bench --config configs/bench_r50.yaml --backend dali \\
         --backend dali:dali_hw_decoder_load=0.65 train.compile=true --out runs/bench-compiled
 
@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import gc
 import itertools
-import json
 import os
 import platform
 import subprocess
@@ -48,12 +47,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torchvision
 
 from .build import loader_config
 from .config import Config, _set_dotted, config_from_dict, load_config, parse_override, to_dict
 from .data import BACKENDS, Batch, build_loader, resolve_backend
 from .distributed import build_accelerator, world_info_from_env
 from .errors import UserError
+from .files import write_json
 from .train import Trainer, build_parts
 
 
@@ -167,8 +168,6 @@ def _gpu_driver() -> str:
 
 def hardware(device: torch.device) -> dict:
     """CPU, GPU and library versions: what a figure was measured on."""
-    import torchvision
-
     try:
         import nvidia.dali
 
@@ -245,13 +244,6 @@ def format_table(result: dict) -> str:
             f"{_fmt(r['e2e_img_per_s']):>9} {r['e2e_over_min']:>8.2f}  {note}"
         )
     return "\n".join(lines)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def measure_model(trainer, warmup: int, steps: int) -> dict:
@@ -364,14 +356,14 @@ def run_bench(
         f"on {describe_device(hw)}; {warmup} warm-up + {steps} measured steps each"
     )
 
-    _write_json(out_path, result)  # settings and hardware even if the first measurement never ends
+    write_json(out_path, result)  # settings and hardware even if the first measurement never ends
 
     # (b) model: train_step on batches already on the device.
     model = measure_model(trainer, warmup, steps)
     result["model_img_per_s"] = model["img_per_s"]
     result["model"] = model
     log(f"  model (train_step on device-resident batches): {_fmt(model['img_per_s'])} img/s")
-    _write_json(out_path, result)
+    write_json(out_path, result)
 
     failed = 0
     for spec, (name, bcfg) in zip(specs, parsed):
@@ -400,9 +392,9 @@ def run_bench(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         result["rows"].append(row)
-        _write_json(out_path, result)
+        write_json(out_path, result)
     result["failed"] = failed
-    _write_json(out_path, result)
+    write_json(out_path, result)
     log(format_table(result))
     log(f"wrote {out_path}")
     return result
@@ -434,9 +426,3 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.compile=true")
     s.set_defaults(fn=cmd_bench)
     return s
-
-
-if __name__ == "__main__":  # ``python -m invasive_dist.bench ARGS`` = ``invasive-dist bench ARGS``
-    from .cli import main
-
-    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -56,7 +54,9 @@ from .build import Data, build_data, channels_last_on, resolve_batch
 from .config import Config, load_config, to_dict
 from .distributed import build_accelerator, world_info_from_env
 from .errors import UserError
+from .files import atomic_write, write_json
 from .metrics import read_metrics, roc_auc
+from .plots import draw_roc, roc_curves_for
 from .predict import (
     FOLD_DIR_RE,
     fold_dirs,
@@ -107,17 +107,7 @@ def _print(acc, msg: str) -> None:
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    """Atomic CSV write (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def _free(acc) -> None:
@@ -315,8 +305,6 @@ def write_cv_files(cv_dir: Path, n_folds: int, round_no: int = 1) -> dict:
     """Pool the folds' oof.csv into CV_DIR/oof.csv, write cv.json and roc.png; returns cv.json's dict.
 
     Each labelled image must appear in exactly one fold."""
-    from .analysis import draw_roc, roc_curves_for
-
     cv_dir = Path(cv_dir)
     parts = []
     for k in range(n_folds):
@@ -370,7 +358,7 @@ def write_cv_files(cv_dir: Path, n_folds: int, round_no: int = 1) -> dict:
         "pseudo_csv": pseudo,
         "n_pseudo": int(len(pd.read_csv(pseudo))) if pseudo and Path(pseudo).is_file() else 0,
     }
-    _write_json(summary, cv_dir / "cv.json")
+    write_json(cv_dir / "cv.json", summary)
     draw_roc(roc_curves_for(oof), cv_dir / "roc.png", title=f"{cv_dir.name}: out-of-fold ROC")
     return summary
 

@@ -12,13 +12,15 @@ the queued work and ``data_wait_frac`` is the fraction of it the loop spent star
 from __future__ import annotations
 
 import json
-import os
 import resource
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .errors import UserError
+from .files import write_text
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -42,6 +44,44 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds): one point per distinct score, from (0, 0) at threshold +inf down to
+    (1, 1); a sample is called positive when its score is >= the threshold."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise UserError(
+            f"a ROC curve needs both classes; these predictions have {n_pos} positive, {n_neg} negative"
+        )
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last position of each run of equal scores
+    tps = np.cumsum(y)[last]
+    fps = (last + 1) - tps
+    fpr = np.r_[0.0, fps / n_neg]
+    tpr = np.r_[0.0, tps / n_pos]
+    return fpr, tpr, np.r_[np.inf, s[last]]
+
+
+def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The threshold that maximises TPR - FPR (the highest such threshold on ties)."""
+    fpr, tpr, thr = roc_curve(labels, scores)
+    j = tpr[1:] - fpr[1:]
+    return float(thr[1:][int(np.argmax(j))])
+
+
+def confusion(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, int]:
+    y = np.asarray(labels).astype(bool)
+    pred = np.asarray(probs) >= threshold
+    return {
+        "tn": int((~y & ~pred).sum()),
+        "fp": int((~y & pred).sum()),
+        "fn": int((y & ~pred).sum()),
+        "tp": int((y & pred).sum()),
+    }
+
+
 class MetricsWriter:
     """JSONL + TensorBoard writer for the main process."""
 
@@ -52,9 +92,7 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
             kept = [r for r in read_metrics(run_dir) if r["step"] <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._f = open(self.path, "a", buffering=1)
         self._tb = None
         if tensorboard:
@@ -133,11 +171,3 @@ class StepTimer:
         }
         self.reset()
         return out
-
-
-def host_rss_bytes() -> int:
-    try:
-        with open(f"/proc/{os.getpid()}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from .data.check import cached_check
 from .data.kaggle import DataIndex, read_csv_text, test_index
 from .errors import UserError
 from .evaluation import gather_unique
+from .files import atomic_write
 from .models import build_model
 
 FOLD_DIR_RE = re.compile(r"^fold(\d+)$")
@@ -158,9 +158,6 @@ def predict_probs(model, loader, acc, tta: str, channels_last: bool) -> tuple[np
     return res.index, res.logits  # the "logits" column holds probabilities here
 
 
-predict_logits = predict_probs  # the earlier name
-
-
 # ----------------------------------------------------------------------------------------------
 # Ensembles
 
@@ -222,14 +219,10 @@ def ensemble_files(paths: Sequence[str | Path], how: str = "mean") -> pd.DataFra
 
 
 def write_submission(names: list[str], probs: np.ndarray, out: Path, extra: dict | None = None) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     df = pd.DataFrame({"name": names, "invasive": np.clip(probs, 0.0, 1.0)})
     for k, v in (extra or {}).items():
         df[k] = v
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def _checked_test_index(data_root: Path, cache_dir: Path) -> DataIndex:

@@ -117,7 +117,7 @@ step tests 150 bash -c '"$0" -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 
     "$PY" "$WORK/pytest.log"
 
 # 4, 5. bench
-BENCH=("$PY" -m invasive_dist.bench --config configs/bench_r50.yaml --steps "$STEPS" --warmup "$WARMUP")
+BENCH=("$PY" -m invasive_dist bench --config configs/bench_r50.yaml --steps "$STEPS" --warmup "$WARMUP")
 SETTINGS=("data.root=$DATA" "output.root=$WORK/runs" "${OVERRIDES[@]}")
 args=()
 for b in "${EAGER_BACKENDS[@]}"; do args+=(--backend "$b"); done

@@ -55,6 +55,7 @@ from typing import Any, Literal
 from PIL import Image, ImageFile
 
 from ..errors import UserError
+from ..files import write_json
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
@@ -597,10 +598,7 @@ def cached_check(root: Path, labels_csv: str, cache_dir: Path, **kw: Any) -> Che
     if report.problems and any(p.kind == "missing-root" for p in report.problems):
         return report  # nothing worth caching
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"fingerprint": fp, "report": report.to_json()}, indent=1))
-        os.replace(tmp, cache_file)
+        write_json(cache_file, {"fingerprint": fp, "report": report.to_json()}, indent=1)
     except OSError:
         pass  # a read-only cache folder only costs the next check its time
     return report
