@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -138,20 +139,21 @@ def max_memory_bytes(device: torch.device) -> int:
 class StepTimer:
     """Per-interval wall time and host time blocked on input; no device sync per step."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock  # seconds; tests pass a fake one
         self.reset()
 
     def reset(self) -> None:
-        self.t0 = time.perf_counter()
+        self.t0 = self.clock()
         self.data_wait = 0.0
         self.steps = 0
         self.samples = 0
 
     def data_start(self) -> None:
-        self._d0 = time.perf_counter()
+        self._d0 = self.clock()
 
     def data_end(self) -> None:
-        self.data_wait += time.perf_counter() - self._d0
+        self.data_wait += self.clock() - self._d0
 
     def step_done(self, samples: int) -> None:
         self.steps += 1
@@ -159,7 +161,7 @@ class StepTimer:
 
     def read(self, world_size: int) -> dict[str, float]:
         """Call after the interval's one device sync; returns perf/* metrics and resets."""
-        wall = max(time.perf_counter() - self.t0, 1e-9)
+        wall = max(self.clock() - self.t0, 1e-9)
         per_device = self.samples / wall
         out = {
             "perf/data_wait_frac": self.data_wait / wall,
