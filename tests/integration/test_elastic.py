@@ -9,16 +9,24 @@ trained on (recorded by ``elastic_shim/sitecustomize.py``, an observer put on th
   each exactly once, and every optimizer step trains on the same samples as the uninterrupted run;
 - the LR schedule continues (the logged lr of every step equals the uninterrupted run's) and the
   metrics have every step exactly once;
-- the final weights are close to the uninterrupted run's. Not bit-exact: the moved run sums the
-  same per-image gradients in another order (gloo all-reduce vs micro-batch accumulation), a
-  difference of float rounding. The settings make everything else equal: one image per forward
-  (BatchNorm normalizes each image by itself whatever the split), square images with
-  ``data.scale_min=1.0`` and no flips (the crop does not depend on the per-rank augmentation
-  seeds, which a move changes). Tolerance: 1e-4 of the distance the weights moved in training; a
-  step that trained on other samples moves them by a sizeable fraction of it. BatchNorm running
+- the state carried over: the two steps after the move log the uninterrupted run's loss (rtol
+  1e-5; measured equal to 1e-7), which they would not with other weights, a gradient summed
+  instead of averaged or a lost momentum buffer;
+- the final weights are close to the uninterrupted run's. The settings make the arithmetic the
+  same: one image per forward (BatchNorm normalizes each image by itself whatever the split),
+  square images with ``data.scale_min=1.0`` and no flips (the crop does not depend on the per-rank
+  augmentation seeds, which a move changes). 2 -> 1 is then bit-exact (measured: 0 apart; the
+  mean of 2 gradients is exact in floating point in either order), so the tolerance is 1e-5 of the
+  distance the weights moved in training, as in test_distributed.py. 1 -> 3 is not: the mean of 3
+  gradients rounds differently summed by gloo than accumulated in one process (1e-7 relative at
+  the first step after the move), and training with one image per BatchNorm grows that about
+  10-fold per step (gradient norms 1e-7 apart at the first step after the move, 2e-4 three steps
+  later); measured 0.7 % of the distance moved at the end, tolerance 3 %. A step on other samples
+  moves the weights by roughly a step's share of that distance (8 steps in all). BatchNorm running
   statistics are left out: with DDP they are rank 0's (of rank 0's images only).
 
-Run: ``.venv/bin/python -m pytest tests/integration/test_elastic.py -q`` (slow: 6 launches).
+Run: ``.venv/bin/python -m pytest tests/integration/test_elastic.py -q`` (slow: 6 torchrun launches,
+about 3 min on 2 shared CPU cores).
 """
 
 from __future__ import annotations
@@ -124,9 +132,11 @@ def learnable(state: dict) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("before,after,stop", [(2, 1, 5), (1, 3, 3)], ids=["2to1", "1to3"])
+@pytest.mark.parametrize(
+    "before,after,stop,tolerance", [(2, 1, 5, 1e-5), (1, 3, 3, 3e-2)], ids=["2to1", "1to3"]
+)
 def test_resume_on_another_process_count_keeps_batch_position_and_schedule(
-    work, square_data, init_weights, before, after, stop
+    work, square_data, init_weights, before, after, stop, tolerance
 ):
     init, init_state = init_weights
     g = before if before > 1 else after  # global batch: one image per process of the wider run
@@ -152,6 +162,9 @@ def test_resume_on_another_process_count_keeps_batch_position_and_schedule(
     ref_rows = [r for r in read_metrics(work / ref) if "train/lr" in r]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert [r["train/lr"] for r in rows] == [r["train/lr"] for r in ref_rows]
+    # The state carried over: the first two steps after the move train like the uninterrupted run.
+    after_move = [r["train/loss"] for r in rows[stop : stop + 2]]
+    assert after_move == pytest.approx([r["train/loss"] for r in ref_rows[stop : stop + 2]], rel=1e-5)
 
     a = learnable(torch.load(work / name / "checkpoints" / "last.pt", weights_only=True)["model"])
     b = learnable(torch.load(work / ref / "checkpoints" / "last.pt", weights_only=True)["model"])
@@ -159,7 +172,6 @@ def test_resume_on_another_process_count_keeps_batch_position_and_schedule(
     moved_by = torch.sqrt(sum(((b[k].float() - start[k].float()) ** 2).sum() for k in b))
     diff = torch.sqrt(sum(((a[k].float() - b[k].float()) ** 2).sum() for k in b))
     assert moved_by > 0
-    print(f"ELASTIC {before}->{after}: diff {float(diff):.4g} moved {float(moved_by):.4g} ratio {float(diff / moved_by):.3g}")
-    assert diff <= 1e-4 * moved_by, (
+    assert diff <= tolerance * moved_by, (
         f"weights {float(diff):.3g} apart, training moved them {float(moved_by):.3g}"
     )
