@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from .errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -214,12 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
-    except Exception as e:
-        from .train import Preempted
-
-        if isinstance(e, Preempted):
-            return EXIT_PREEMPTED
-        raise
+    except Preempted:
+        return EXIT_PREEMPTED
     finally:
         import torch.distributed as dist
 

@@ -47,16 +47,12 @@ from .checkpoint import Checkpointer
 from .config import Config, save_config, to_dict
 from .data import Shard
 from .distributed import WorldInfo
-from .errors import UserError
+from .errors import Preempted, UserError
 from .evaluation import EvalResult, score
 from .faults import Faults
 from .metrics import MetricsWriter, StepTimer, max_memory_bytes
 from .optim import Optimization, build_optimization
 from .profiling import ProfilerWindow
-
-
-class Preempted(Exception):
-    """Raised after a signal-triggered checkpoint; the CLI exits with EXIT_PREEMPTED."""
 
 
 class NonFiniteError(UserError):
