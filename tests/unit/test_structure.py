@@ -7,6 +7,7 @@ import ast
 import importlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from invasive_dist.build import resolve_batch
@@ -110,3 +111,22 @@ def test_grad_accum_takes_auto_or_a_positive_integer():
     assert load_config(None, ["train.grad_accum=3"]).train.grad_accum == 3
     with pytest.raises(UserError, match="grad_accum"):
         load_config(None, ["train.grad_accum=sometimes"])
+
+
+@pytest.mark.parametrize("n", [100, 96])
+def test_an_optimizer_step_trains_on_the_same_samples_however_the_global_batch_is_split(n):
+    """Elastic resume rests on this: G=32 as 1 x 32 x 1, 2 x 16 x 1, 2 x 8 x 2, 4 x 4 x 2, 1 x 8 x 4
+    (processes x batch x accum) gives ceil(n / 32) optimizer steps of the same samples each."""
+    from invasive_dist.data.base import Shard, train_plan, train_steps
+
+    def steps_of(world: int, batch: int, accum: int) -> list[list[int]]:
+        plans = [train_plan(n, batch, Shard(r, world, accum), seed=3, epoch=1) for r in range(world)]
+        assert {train_steps(n, batch, Shard(r, world, accum)) for r in range(world)} == {len(plans[0])}
+        micro = [np.concatenate([p[s] for p in plans]) for s in range(len(plans[0]))]
+        return [sorted(np.concatenate(micro[k : k + accum]).tolist()) for k in range(0, len(micro), accum)]
+
+    reference = steps_of(1, 32, 1)
+    assert len(reference) == -(-n // 32)
+    assert set(np.concatenate(reference).tolist()) == set(range(n))  # every sample at least once
+    for world, batch, accum in [(2, 16, 1), (2, 8, 2), (4, 4, 2), (1, 8, 4)]:
+        assert steps_of(world, batch, accum) == reference, (world, batch, accum)
