@@ -234,6 +234,7 @@ class Trainer:
         if cfg.train.compile:
             self.model = torch.compile(self.model)
         self._resume_from, self._resume_state = parts.resume_from, parts.resume_state
+        parts.resume_state = None  # fit() drops it after loading: no copy lingers with the caller
 
         self.faults = Faults(self.shard.rank, attempt=world.restart_count + world.slurm_restart_count)
         t = cfg.train
