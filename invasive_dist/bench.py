@@ -1,7 +1,7 @@
 """``invasive-dist bench``: is the training loop bound by the input pipeline or by the model?
 
     invasive-dist bench --config configs/bench_r50.yaml --backend torch --backend dali
-    python -m invasive_dist.bench --config configs/bench_r50.yaml --backend gpu_cache   # the same
+    python -m invasive_dist bench --config configs/bench_r50.yaml --backend gpu_cache    # the same
     invasive-dist bench --config configs/bench_r50.yaml --backend dali \\
         --backend dali:dali_hw_decoder_load=0.65 train.compile=true --out runs/bench-compiled
 
@@ -34,9 +34,9 @@ Measured on one H100 80GB HBM3, ResNet-50, 224 px, bf16, channels_last, batch 25
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import itertools
-import json
 import os
 import platform
 import subprocess
@@ -47,10 +47,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torchvision
 
+from .build import loader_config
 from .config import Config, _set_dotted, config_from_dict, load_config, parse_override, to_dict
 from .data import BACKENDS, Batch, build_loader, resolve_backend
-from .errors import EXIT_USER_ERROR, UserError
+from .distributed import build_accelerator, world_info_from_env
+from .errors import UserError
+from .files import write_json
+from .train import Trainer, build_parts
 
 
 def _sync(device: torch.device) -> None:
@@ -163,8 +168,6 @@ def _gpu_driver() -> str:
 
 def hardware(device: torch.device) -> dict:
     """CPU, GPU and library versions: what a figure was measured on."""
-    import torchvision
-
     try:
         import nvidia.dali
 
@@ -243,21 +246,18 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def measure_model(trainer, warmup: int, steps: int) -> dict:
     """(b) ``trainer.train_step`` fed from a few batches made on the device once."""
-    d = trainer.cfg.data
+    plan = trainer.plan
     pool = batch_pool(
-        min(4, steps + warmup), d.batch_size, d.image_size, trainer.device, trainer.channels_last
+        min(4, steps + warmup),
+        plan.per_device,
+        trainer.cfg.data.image_size,
+        trainer.device,
+        trainer.channels_last,
     )
     batches = itertools.cycle(pool)
-    per_step = d.batch_size * trainer.cfg.train.grad_accum
+    per_step = plan.per_device * plan.accum
 
     def step() -> int:
         trainer.train_step(lambda: next(batches))
@@ -270,9 +270,11 @@ def measure_backend(trainer, cfg: Config, warmup: int, steps: int) -> dict:
     """(a) the loader of ``cfg.data.backend`` alone and (c) ``trainer.train_step`` fed by it."""
     device = trainer.device
     t0 = time.perf_counter()
-    loader = build_loader(trainer.train_idx, cfg, trainer.shard, device, True, trainer.channels_last)
+    lcfg = loader_config(cfg, trainer.plan)
+    loader = build_loader(trainer.train_idx, lcfg, trainer.shard, device, True, trainer.channels_last)
     setup_s = time.perf_counter() - t0
-    per_step = cfg.data.batch_size * cfg.train.grad_accum
+    per_step = trainer.plan.per_device * trainer.plan.accum
+    build_info = getattr(loader, "build_info", None)  # gpu_cache: cache_build_s, cache_bytes, ...
 
     it = endless(loader)
     try:
@@ -292,6 +294,7 @@ def measure_backend(trainer, cfg: Config, warmup: int, steps: int) -> dict:
     finally:
         it2.close()
     return {
+        **(dict(build_info) if build_info else {}),
         "setup_s": setup_s,
         "input_img_per_s": inp["img_per_s"],
         "e2e_img_per_s": e2e["img_per_s"],
@@ -310,9 +313,6 @@ def run_bench(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Measure model once and (input, e2e) per backend; write and return the bench.json content."""
-    from .distributed import build_accelerator, world_info_from_env
-    from .train import Trainer
-
     if steps < 1 or warmup < 0:
         raise UserError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
     world = world_info_from_env()
@@ -322,13 +322,11 @@ def run_bench(
     parsed = [parse_backend(s, cfg) for s in specs]  # config errors before any work
     out_path = Path(out_dir or cfg.run_dir) / "bench.json"
 
-    # The model side is the Trainer's own train_step. It is built with the torch backend, whose
-    # loaders cost nothing until iterated; each benchmarked backend builds its own loader below.
-    raw = to_dict(cfg)
-    raw["data"]["backend"] = "torch"
-    model_cfg = config_from_dict(raw)
-    acc = accelerator or build_accelerator(model_cfg, world)
-    trainer = Trainer(model_cfg, acc, world)
+    # The model side is the Trainer's own train_step, built without loaders (nor a checkpoint to
+    # resume): each benchmarked backend builds its own loader below.
+    acc = accelerator or build_accelerator(cfg, world)
+    parts = build_parts(dataclasses.replace(cfg, resume=""), acc, world, train_loader=False, val_loader=False)
+    trainer = Trainer(cfg, acc, world, parts)
     trainer.model.train()
     device = trainer.device
     d, t = cfg.data, cfg.train
@@ -336,8 +334,8 @@ def run_bench(
     settings = {
         "arch": cfg.model.arch,
         "image_size": d.image_size,
-        "batch_size": d.batch_size,
-        "grad_accum": t.grad_accum,
+        "batch_size": trainer.plan.per_device,
+        "grad_accum": trainer.plan.accum,
         "mixed_precision": t.mixed_precision,
         "channels_last": trainer.channels_last,
         "compile": t.compile,
@@ -353,19 +351,19 @@ def run_bench(
     }
     result = {"settings": settings, "hardware": hw, "model_img_per_s": None, "rows": []}
     log(
-        f"bench: {cfg.model.arch} {d.image_size}px batch {d.batch_size}x{t.grad_accum} "
+        f"bench: {cfg.model.arch} {d.image_size}px batch {trainer.plan.per_device}x{trainer.plan.accum} "
         f"precision {t.mixed_precision} channels_last {trainer.channels_last} compile {t.compile} "
         f"on {describe_device(hw)}; {warmup} warm-up + {steps} measured steps each"
     )
 
-    _write_json(out_path, result)  # settings and hardware even if the first measurement never ends
+    write_json(out_path, result)  # settings and hardware even if the first measurement never ends
 
     # (b) model: train_step on batches already on the device.
     model = measure_model(trainer, warmup, steps)
     result["model_img_per_s"] = model["img_per_s"]
     result["model"] = model
     log(f"  model (train_step on device-resident batches): {_fmt(model['img_per_s'])} img/s")
-    _write_json(out_path, result)
+    write_json(out_path, result)
 
     failed = 0
     for spec, (name, bcfg) in zip(specs, parsed):
@@ -394,9 +392,9 @@ def run_bench(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         result["rows"].append(row)
-        _write_json(out_path, result)
+        write_json(out_path, result)
     result["failed"] = failed
-    _write_json(out_path, result)
+    write_json(out_path, result)
     log(format_table(result))
     log(f"wrote {out_path}")
     return result
@@ -428,19 +426,3 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.compile=true")
     s.set_defaults(fn=cmd_bench)
     return s
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m invasive_dist.bench ARGS`` = ``invasive-dist bench ARGS``."""
-    parser = argparse.ArgumentParser(prog="invasive-dist")
-    add_subcommand(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.fn(args)
-    except UserError as e:
-        print(f"invasive-dist bench: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())

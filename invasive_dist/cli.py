@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from .errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -71,15 +71,14 @@ def _accelerator(cfg):
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .train import Trainer
+    from .train import Trainer, build_parts
 
     cfg = load_config(args.config, args.overrides)
     acc, world = _accelerator(cfg)
-    trainer = Trainer(cfg, acc, world)
-    result = trainer.fit()
+    result = Trainer(cfg, acc, world, build_parts(cfg, acc, world)).fit()
     if acc.is_main_process:
         print(
-            f"best val/auc {result['best_auc']:.4f} after {result['epoch']} epoch(s); run directory {cfg.run_dir}"
+            f"best val/auc {result.best_auc:.4f} after {result.epoch} epoch(s); run directory {cfg.run_dir}"
         )
     return 0
 
@@ -215,12 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
-    except Exception as e:
-        from .train import Preempted
-
-        if isinstance(e, Preempted):
-            return EXIT_PREEMPTED
-        raise
+    except Preempted:
+        return EXIT_PREEMPTED
     finally:
         import torch.distributed as dist
 

@@ -75,7 +75,9 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 5  # training epochs
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast precision
-    grad_accum: int = 1  # micro-batches per optimizer step (no gradient sync on the others)
+    # micro-batches per optimizer step (no gradient sync on the others); auto: the fewest that keep
+    # the per-device batch <= data.batch_size for the global batch (elastic resume, see build.py)
+    grad_accum: int | Literal["auto"] = 1
     compile: bool = False  # torch.compile the model
     label_smoothing: float = 0.0  # BCE targets become y(1-s) + s/2
     clip_grad_norm: float = 0.0  # clip the global gradient norm (0 = measure only)
@@ -161,6 +163,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        for alt in inner[1:]:  # e.g. int | Literal["auto"]: the first type that takes the value
+            try:
+                return _coerce(value, alt, where)
+            except UserError:
+                pass
         return _coerce(value, inner[0], where)
     if origin is Literal:
         if value is False and "no" in args:
@@ -297,7 +304,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         )
     if not 0.0 <= d.dali_hw_decoder_load <= 1.0:
         problems.append(f"data.dali_hw_decoder_load={d.dali_hw_decoder_load} must be in [0, 1]")
-    if t.grad_accum < 1:
+    if t.grad_accum != "auto" and t.grad_accum < 1:
         problems.append(f"train.grad_accum={t.grad_accum} must be >= 1")
     if t.epochs < 1:
         problems.append(f"train.epochs={t.epochs} must be >= 1")

@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -52,9 +50,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .build import Data, build_data, channels_last_on, resolve_batch
 from .config import Config, load_config, to_dict
+from .distributed import build_accelerator, world_info_from_env
 from .errors import UserError
+from .files import atomic_write, write_json
 from .metrics import read_metrics, roc_auc
+from .plots import draw_roc, roc_curves_for
 from .predict import (
     FOLD_DIR_RE,
     fold_dirs,
@@ -63,6 +65,7 @@ from .predict import (
     predict_probs,
     predict_run,
 )
+from .train import Trainer, build_parts
 
 ROUND_DIR_RE = re.compile(r"^round(\d+)$")
 OOF_COLUMNS = ["name", "label", "fold", "probability"]
@@ -104,17 +107,7 @@ def _print(acc, msg: str) -> None:
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    """Atomic CSV write (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def _free(acc) -> None:
@@ -171,16 +164,16 @@ def fold_cfg(base: Config, cv_name: str, k: int) -> Config:
 # Out-of-fold predictions of one fold
 
 
-def fold_oof(trainer, run_dir: Path, acc) -> pd.DataFrame:
-    """Score the trainer's validation split with the run's best checkpoint (EMA weights if kept),
-    averaging ``predict.tta`` views; the main process writes ``run_dir/oof.csv``. Collective."""
-    cfg = trainer.cfg
-    channels_last = trainer.channels_last
+def fold_oof(cfg: Config, data: Data, run_dir: Path, acc) -> pd.DataFrame:
+    """Score the run's validation split (``data.val_loader``) with its best checkpoint (EMA
+    weights if kept), averaging ``predict.tta`` views; the main process writes
+    ``run_dir/oof.csv``. Collective."""
+    channels_last = channels_last_on(cfg, acc.device)
     model = load_model_for_inference(cfg, run_dir, "best").to(acc.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    positions, probs = predict_probs(model, trainer.val_loader, acc, cfg.predict.tta, channels_last)
-    val = trainer.val_idx
+    positions, probs = predict_probs(model, data.val_loader, acc, cfg.predict.tta, channels_last)
+    val = data.val_idx
     if len(positions) != len(val):
         raise RuntimeError(f"OOF covered {len(positions)} of {len(val)} validation images")  # a bug
     df = pd.DataFrame(
@@ -211,22 +204,20 @@ def _cfg_for_existing_run(run_dir: Path, data_root: Path | None = None) -> Confi
 def fold_oof_for_run(run_dir: Path, acc=None, world=None, data_root: Path | None = None) -> pd.DataFrame:
     """Out-of-fold predictions of a finished run (its validation fold), written to RUN/oof.csv.
 
-    The validation split is rebuilt by a Trainer from the run's config, so it is exactly the one
-    the run validated on (same seed, folds and data check); nothing is trained."""
-    from .distributed import build_accelerator, world_info_from_env
-    from .train import Trainer
-
+    The validation split is rebuilt from the run's config by the builder training uses, so it is
+    exactly the one the run validated on (same seed, folds and data check); only the validation
+    loader is built (no optimizer, no training cache) and nothing is trained."""
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoints" / "best.pt").is_file():
         raise UserError(f"{run_dir}/checkpoints/best.pt does not exist: the run has not finished an epoch")
     cfg = _cfg_for_existing_run(run_dir, data_root)
     world = world or world_info_from_env()
     acc = acc or build_accelerator(cfg, world)
-    trainer = Trainer(cfg, acc, world)
+    data = build_data(cfg, acc, resolve_batch(cfg, acc.num_processes), train=False)
     try:
-        return fold_oof(trainer, run_dir, acc)
+        return fold_oof(cfg, data, run_dir, acc)
     finally:
-        del trainer
+        del data
         _free(acc)
 
 
@@ -236,8 +227,6 @@ def fold_oof_for_run(run_dir: Path, acc=None, world=None, data_root: Path | None
 
 def train_folds(base: Config, cv_name: str, folds: list[int], acc, world) -> list[FoldStatus]:
     """Train and score each fold of ``folds`` not already finished. Collective."""
-    from .train import Trainer
-
     done = []
     n = base.data.n_folds
     for k in folds:
@@ -260,17 +249,17 @@ def train_folds(base: Config, cv_name: str, folds: list[int], acc, world) -> lis
             continue
         t0 = time.perf_counter()
         _print(acc, f"[cv] fold {k}/{n}: training in {run_dir}")
-        trainer = Trainer(cfg, acc, world)
+        parts = build_parts(cfg, acc, world)
         try:
-            result = trainer.fit()
-            df = fold_oof(trainer, run_dir, acc)
+            result = Trainer(cfg, acc, world, parts).fit()
+            df = fold_oof(cfg, parts.data, run_dir, acc)
         finally:
-            del trainer
+            del parts
             _free(acc)
         auc = roc_auc(df["label"].to_numpy(), df["probability"].to_numpy())
         _print(
             acc,
-            f"[cv] fold {k}/{n}: best val/auc {result['best_auc']:.4f}; OOF AUC {auc:.4f} "
+            f"[cv] fold {k}/{n}: best val/auc {result.best_auc:.4f}; OOF AUC {auc:.4f} "
             f"(tta {cfg.predict.tta}, {len(df)} images) in {time.perf_counter() - t0:.0f}s",
         )
         done.append(FoldStatus(k, run_dir, "trained"))
@@ -316,8 +305,6 @@ def write_cv_files(cv_dir: Path, n_folds: int, round_no: int = 1) -> dict:
     """Pool the folds' oof.csv into CV_DIR/oof.csv, write cv.json and roc.png; returns cv.json's dict.
 
     Each labelled image must appear in exactly one fold."""
-    from .analysis import draw_roc, roc_curves_for
-
     cv_dir = Path(cv_dir)
     parts = []
     for k in range(n_folds):
@@ -371,7 +358,7 @@ def write_cv_files(cv_dir: Path, n_folds: int, round_no: int = 1) -> dict:
         "pseudo_csv": pseudo,
         "n_pseudo": int(len(pd.read_csv(pseudo))) if pseudo and Path(pseudo).is_file() else 0,
     }
-    _write_json(summary, cv_dir / "cv.json")
+    write_json(cv_dir / "cv.json", summary)
     draw_roc(roc_curves_for(oof), cv_dir / "roc.png", title=f"{cv_dir.name}: out-of-fold ROC")
     return summary
 
@@ -473,8 +460,6 @@ def _check_pseudo_args(args) -> None:
 
 
 def _accelerator(cfg: Config):
-    from .distributed import build_accelerator, world_info_from_env
-
     world = world_info_from_env()
     return build_accelerator(cfg, world), world
 

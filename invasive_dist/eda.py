@@ -17,32 +17,21 @@ libjpeg decode them at 1/2 to 1/8 scale).
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw
 
 from .data.kaggle import read_labels
+from .files import write_json
+from .plots import font, save_png, text_size, thumbnail
 
 THUMB = (224, 168)  # thumbnail box (the competition's 4:3 aspect)
 CLASS_NAMES = {1: "invasive", 0: "not invasive"}
 COLOURS = {1: (143, 110, 212), 0: (76, 140, 74)}
-
-
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: scalable
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
-
-
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
-    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
-    return x1 - x0, y1 - y0
 
 
 def _jpg_files(folder: Path) -> list[Path]:
@@ -79,9 +68,9 @@ def class_balance_png(counts: dict[int, int], path: Path, title: str) -> None:
     left, right, top, bottom = 90, 30, 60, 70
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
-    f_title, f_label, f_tick = _font(20), _font(16), _font(13)
+    f_title, f_label, f_tick = font(20), font(16), font(13)
 
-    tw, _ = _text_size(d, title, f_title)
+    tw, _ = text_size(d, title, f_title)
     d.text(((w - tw) // 2, 18), title, fill="black", font=f_title)
     x0, y0, x1, y1 = left, top, w - right, h - bottom  # plot area
     d.line([(x0, y0), (x0, y1), (x1, y1)], fill="black", width=2)
@@ -93,7 +82,7 @@ def class_balance_png(counts: dict[int, int], path: Path, title: str) -> None:
         y = y1 - (y1 - y0) * v / ymax
         d.line([(x0 - 5, y), (x0, y)], fill="black")
         d.line([(x0 + 1, y), (x1, y)], fill=(225, 225, 225))
-        lw, lh = _text_size(d, str(v), f_tick)
+        lw, lh = text_size(d, str(v), f_tick)
         d.text((x0 - 9 - lw, y - lh / 2 - 2), str(v), fill="black", font=f_tick)
 
     total = sum(counts.values()) or 1
@@ -104,23 +93,23 @@ def class_balance_png(counts: dict[int, int], path: Path, title: str) -> None:
         by = y1 - (y1 - y0) * n / ymax
         d.rectangle([bx0, by, bx1, y1 - 1], fill=COLOURS[cls], outline="black")
         value = f"{n} ({100 * n / total:.1f}%)"
-        vw, vh = _text_size(d, value, f_label)
+        vw, vh = text_size(d, value, f_label)
         d.text(((bx0 + bx1 - vw) / 2, by - vh - 8), value, fill="black", font=f_label)
         name = f"{CLASS_NAMES[cls]} ({cls})"
-        nw, _ = _text_size(d, name, f_label)
+        nw, _ = text_size(d, name, f_label)
         d.text(((bx0 + bx1 - nw) / 2, y1 + 8), name, fill="black", font=f_label)
 
     xl = "class (column 'invasive')"
-    xw, _ = _text_size(d, xl, f_label)
+    xw, _ = text_size(d, xl, f_label)
     d.text(((x0 + x1 - xw) / 2, h - 30), xl, fill="black", font=f_label)
     # The y label is drawn on its own strip and rotated.
     yl = "number of train images"
-    yw, yh = _text_size(d, yl, f_label)
+    yw, yh = text_size(d, yl, f_label)
     strip = Image.new("RGB", (yw + 4, yh + 8), "white")
     ImageDraw.Draw(strip).text((2, 0), yl, fill="black", font=f_label)
     strip = strip.rotate(90, expand=True)
     img.paste(strip, (12, int((y0 + y1 - strip.height) / 2)))
-    img.save(path)
+    save_png(img, path)
 
 
 def _nice_step(peak: int) -> int:
@@ -133,20 +122,6 @@ def _nice_step(peak: int) -> int:
     return int(10 * mag)
 
 
-def _thumbnail(path: Path) -> Image.Image:
-    """Upright thumbnail inside THUMB, or a grey placeholder saying why it cannot be shown."""
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (THUMB[0] * 2, THUMB[1] * 2))  # JPEG: decode at a reduced scale
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            im.thumbnail(THUMB)
-            return im
-    except Exception as e:
-        ph = Image.new("RGB", (THUMB[0], THUMB[1] // 2), (200, 200, 200))
-        ImageDraw.Draw(ph).text((6, 6), f"cannot show:\n{type(e).__name__}", fill="black", font=_font(13))
-        return ph
-
-
 def sample_grid_png(paths: list[tuple[str, Path]], path: Path, title: str, cols: int = 4) -> None:
     """A grid of captioned thumbnails: ``paths`` is [(name, file)]."""
     cols = max(1, min(cols, len(paths)))
@@ -155,18 +130,18 @@ def sample_grid_png(paths: list[tuple[str, Path]], path: Path, title: str, cols:
     cw, ch = THUMB[0] + pad, THUMB[1] + caption + pad
     img = Image.new("RGB", (pad + cols * cw, head + rows * ch + pad), "white")
     d = ImageDraw.Draw(img)
-    d.text((pad, 10), title, fill="black", font=_font(18))
-    f = _font(13)
+    d.text((pad, 10), title, fill="black", font=font(18))
+    f = font(13)
     for i, (name, p) in enumerate(paths):
         x, y = pad + (i % cols) * cw, head + (i // cols) * ch
-        th = _thumbnail(p)
+        th = thumbnail(p, THUMB)
         img.paste(th, (x + (THUMB[0] - th.width) // 2, y + (THUMB[1] - th.height) // 2))
         label = f"{name}.jpg"
-        lw, _ = _text_size(d, label, f)
+        lw, _ = text_size(d, label, f)
         d.text((x + (THUMB[0] - lw) // 2, y + THUMB[1] + 3), label, fill="black", font=f)
     if not paths:
-        d.text((pad, head + 10), "no images of this class", fill="black", font=_font(14))
-    img.save(path)
+        d.text((pad, head + 10), "no images of this class", fill="black", font=font(14))
+    save_png(img, path)
 
 
 def run_eda(
@@ -216,7 +191,5 @@ def run_eda(
         "unreadable_headers": train_bad + test_bad,  # run check-data for what is wrong with them
         "files": ["class_balance.png", "samples_invasive.png", "samples_not_invasive.png", "summary.json"],
     }
-    tmp = out_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out_dir / "summary.json")
+    write_json(out_dir / "summary.json", summary)
     return summary

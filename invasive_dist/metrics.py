@@ -12,13 +12,16 @@ the queued work and ``data_wait_frac`` is the fraction of it the loop spent star
 from __future__ import annotations
 
 import json
-import os
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .errors import UserError
+from .files import write_text
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -42,6 +45,44 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds): one point per distinct score, from (0, 0) at threshold +inf down to
+    (1, 1); a sample is called positive when its score is >= the threshold."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise UserError(
+            f"a ROC curve needs both classes; these predictions have {n_pos} positive, {n_neg} negative"
+        )
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last position of each run of equal scores
+    tps = np.cumsum(y)[last]
+    fps = (last + 1) - tps
+    fpr = np.r_[0.0, fps / n_neg]
+    tpr = np.r_[0.0, tps / n_pos]
+    return fpr, tpr, np.r_[np.inf, s[last]]
+
+
+def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The threshold that maximises TPR - FPR (the highest such threshold on ties)."""
+    fpr, tpr, thr = roc_curve(labels, scores)
+    j = tpr[1:] - fpr[1:]
+    return float(thr[1:][int(np.argmax(j))])
+
+
+def confusion(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, int]:
+    y = np.asarray(labels).astype(bool)
+    pred = np.asarray(probs) >= threshold
+    return {
+        "tn": int((~y & ~pred).sum()),
+        "fp": int((~y & pred).sum()),
+        "fn": int((y & ~pred).sum()),
+        "tp": int((y & pred).sum()),
+    }
+
+
 class MetricsWriter:
     """JSONL + TensorBoard writer for the main process."""
 
@@ -52,9 +93,7 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
             kept = [r for r in read_metrics(run_dir) if r["step"] <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._f = open(self.path, "a", buffering=1)
         self._tb = None
         if tensorboard:
@@ -100,20 +139,21 @@ def max_memory_bytes(device: torch.device) -> int:
 class StepTimer:
     """Per-interval wall time and host time blocked on input; no device sync per step."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock  # seconds; tests pass a fake one
         self.reset()
 
     def reset(self) -> None:
-        self.t0 = time.perf_counter()
+        self.t0 = self.clock()
         self.data_wait = 0.0
         self.steps = 0
         self.samples = 0
 
     def data_start(self) -> None:
-        self._d0 = time.perf_counter()
+        self._d0 = self.clock()
 
     def data_end(self) -> None:
-        self.data_wait += time.perf_counter() - self._d0
+        self.data_wait += self.clock() - self._d0
 
     def step_done(self, samples: int) -> None:
         self.steps += 1
@@ -121,7 +161,7 @@ class StepTimer:
 
     def read(self, world_size: int) -> dict[str, float]:
         """Call after the interval's one device sync; returns perf/* metrics and resets."""
-        wall = max(time.perf_counter() - self.t0, 1e-9)
+        wall = max(self.clock() - self.t0, 1e-9)
         per_device = self.samples / wall
         out = {
             "perf/data_wait_frac": self.data_wait / wall,
@@ -133,11 +173,3 @@ class StepTimer:
         }
         self.reset()
         return out
-
-
-def host_rss_bytes() -> int:
-    try:
-        with open(f"/proc/{os.getpid()}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,8 +38,11 @@ import torch
 from .checkpoint import Checkpointer, load_checkpoint
 from .config import Config, load_config
 from .data import Shard, build_loader
+from .data.check import cached_check
 from .data.kaggle import DataIndex, read_csv_text, test_index
 from .errors import UserError
+from .evaluation import gather_unique
+from .files import atomic_write
 from .models import build_model
 
 FOLD_DIR_RE = re.compile(r"^fold(\d+)$")
@@ -147,8 +149,6 @@ def tta_probs(
 def predict_probs(model, loader, acc, tta: str, channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
     """(positions, mean probability over TTA views) for every sample of the loader's split,
     each exactly once, identical on every rank."""
-    from .train import gather_unique
-
     idx, probs, labels = [], [], []
     for batch in loader.iter_epoch(0):
         probs.append(tta_probs(model, batch.images, tta, channels_last, acc.autocast))
@@ -156,9 +156,6 @@ def predict_probs(model, loader, acc, tta: str, channels_last: bool) -> tuple[np
         labels.append(batch.labels)
     res = gather_unique(acc, torch.cat(idx), torch.cat(probs), torch.cat(labels))
     return res.index, res.logits  # the "logits" column holds probabilities here
-
-
-predict_logits = predict_probs  # the earlier name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,21 +219,15 @@ def ensemble_files(paths: Sequence[str | Path], how: str = "mean") -> pd.DataFra
 
 
 def write_submission(names: list[str], probs: np.ndarray, out: Path, extra: dict | None = None) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     df = pd.DataFrame({"name": names, "invasive": np.clip(probs, 0.0, 1.0)})
     for k, v in (extra or {}).items():
         df[k] = v
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def _checked_test_index(data_root: Path, cache_dir: Path) -> DataIndex:
     """The test images in submission order, after the data check: a missing, empty, truncated or
     non-JPEG test image stops prediction with a message naming it (a submission must cover all)."""
-    from .data.check import cached_check
-
     index = test_index(data_root)
     cached_check(Path(data_root), "train_labels.csv", cache_dir).require("predict")
     return index

@@ -1,11 +1,16 @@
-"""The Trainer: one loop, readable top to bottom.
+"""The Trainer: one loop, readable top to bottom. It trains the parts it is given.
 
-    trainer = Trainer(cfg, accelerator, world)
-    result = trainer.fit()        # train + validate each epoch, checkpoints, metrics, TensorBoard
+    parts = build_parts(cfg, accelerator, world)   # resume state, batch plan, data, model, optimizer
+    result = Trainer(cfg, accelerator, world, parts).fit()   # epochs, validation, checkpoints, metrics
 
 Batch semantics: per-device batch x processes x grad_accum = global batch, e.g. 32 x 8 GPUs x 2 =
-512 images per optimizer step. An "epoch" is one pass of the (wrapped) training plan; a "step" is
-one optimizer step. With ``optim.lr_scaling=linear`` the peak lr is lr x global_batch / base_batch.
+512 images per optimizer step (resolved once, ``build.resolve_batch``). An "epoch" is
+ceil(training images / global batch) optimizer steps over the (wrapped) epoch permutation; a "step"
+is one optimizer step. With ``optim.lr_scaling=linear`` the peak lr is lr x global_batch / base_batch.
+
+Elastic resume: a checkpoint saved by N processes continues on M with the same global batch (the
+per-device batch and/or ``train.grad_accum=auto`` derived), at the same optimizer step of the same
+epoch: step k trains on the same samples for any split, so the rest of the epoch is seen once.
 
 Nothing in the hot loop waits on the host: losses and gradient norms accumulate on the device and
 are read once per ``train.log_every`` steps (the one device sync of an interval). Non-finite
@@ -25,7 +30,6 @@ import contextlib
 import math
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,128 +42,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
+from .build import BatchPlan, Data, build_data, build_model_on, loader_config, resolve_batch
 from .checkpoint import Checkpointer
 from .config import Config, save_config, to_dict
-from .data import Shard, build_loader
-from .data.kaggle import DataIndex, pseudo_index, split, train_index
+from .data import Shard
 from .distributed import WorldInfo
-from .errors import UserError
+from .errors import Preempted, UserError
+from .evaluation import EvalResult, score
 from .faults import Faults
-from .metrics import MetricsWriter, StepTimer, max_memory_bytes, roc_auc
-from .models import build_model, head_name
+from .metrics import MetricsWriter, StepTimer, max_memory_bytes
+from .optim import Optimization, build_optimization
 from .profiling import ProfilerWindow
-
-
-class Preempted(Exception):
-    """Raised after a signal-triggered checkpoint; the CLI exits with EXIT_PREEMPTED."""
 
 
 class NonFiniteError(UserError):
     pass
-
-
-@dataclass
-class EvalResult:
-    index: np.ndarray  # positions in the split, each exactly once, sorted
-    logits: np.ndarray
-    labels: np.ndarray
-
-    @property
-    def probs(self) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-self.logits))
-
-    def metrics(self, prefix: str = "val") -> dict[str, float]:
-        loss = float(np.mean(np.logaddexp(0, self.logits) - self.labels * self.logits))
-        return {
-            f"{prefix}/loss": loss,
-            f"{prefix}/auc": roc_auc(self.labels, self.logits),
-            f"{prefix}/n": len(self.index),
-        }
-
-
-def gather_unique(acc, index: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> EvalResult:
-    """Gather (index, logit, label) rows from all ranks and keep each sample index once.
-
-    Shards may differ in length (padding rows carry index -1) and may repeat samples (the padding of
-    the evaluation plan or of DALI's ``pad_last_batch``); a sample's repeats have identical logits up
-    to nondeterminism of the kernels, and the first one is kept."""
-    local = torch.stack([index.double(), logits.double(), labels.double()], dim=1)
-    local = acc.pad_across_processes(local, dim=0, pad_index=-1)
-    allg = acc.gather(local).cpu().numpy()
-    allg = allg[allg[:, 0] >= 0]
-    positions, first = np.unique(allg[:, 0].astype(np.int64), return_index=True)
-    return EvalResult(index=positions, logits=allg[first, 1], labels=allg[first, 2])
-
-
-def lr_lambda_factory(warmup_steps: int, total_steps: int, min_ratio: float):
-    def f(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        progress = min(max(progress, 0.0), 1.0)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-def param_groups(model: nn.Module, cfg: Config, lr: float) -> list[dict]:
-    """No weight decay on norms and biases; ``backbone_lr_mult`` for everything but the head."""
-    head = head_name(model) + "."
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        key = (name.startswith(head), p.ndim > 1)
-        groups.setdefault(key, []).append(p)
-    out = []
-    for (is_head, decay), params in sorted(groups.items()):
-        mult = 1.0 if is_head else cfg.optim.backbone_lr_mult
-        out.append(
-            {"params": params, "lr": lr * mult, "weight_decay": cfg.optim.weight_decay if decay else 0.0}
-        )
-    return out
-
-
-def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg, lr)
-    o = cfg.optim
-    if o.name == "sgd":
-        opt = torch.optim.SGD(
-            groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, fused=True
-        )
-        # Fused SGD skips its update when found_inf is set, but would create the momentum buffer
-        # from uninitialised memory on a skipped first step: create the buffers up front.
-        if o.momentum > 0:
-            for g in opt.param_groups:
-                for p in g["params"]:
-                    opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        return opt
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), fused=True)
-
-
-class EMA:
-    """Exponential moving average of parameters and buffers, kept on the device."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        import copy
-
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        ema_p = list(self.module.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - self.decay)
-        for b_ema, b in zip(self.module.buffers(), model.buffers()):
-            b_ema.copy_(b)
-
-    def state_dict(self) -> dict:
-        return self.module.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state)
 
 
 def rng_state() -> dict:
@@ -257,76 +154,87 @@ class Mixer:
         return images, target * lam + target[perm] * (1 - lam)
 
 
+@dataclass
+class Parts:
+    """What a Trainer trains with, built by :func:`build_parts` (or by hand in tests and tools)."""
+
+    plan: BatchPlan  # the global batch and its split
+    data: Data  # splits and both loaders
+    model: nn.Module  # on the device, not yet prepared by Accelerate
+    channels_last: bool
+    opt: Optimization  # optimizer, schedule, EMA
+    resume_from: Path | None = None  # the checkpoint to continue from
+    resume_state: dict | None = None  # its contents (read once: the batch plan needs them)
+
+
+@dataclass
+class FitResult:
+    best_auc: float
+    global_step: int
+    epoch: int
+
+
+def resume_source(cfg: Config, world: WorldInfo) -> str:
+    """``resume`` as configured; ``auto`` when torchrun restarted the workers or Slurm requeued the job."""
+    if not cfg.resume and (world.restart_count or world.slurm_restart_count):
+        return "auto"
+    return cfg.resume
+
+
+def build_parts(
+    cfg: Config, accelerator, world: WorldInfo, train_loader: bool = True, val_loader: bool = True
+) -> Parts:
+    """Read the checkpoint to resume from (if any), split its global batch over this run's
+    processes, then build the data (the loaders asked for), the model and the optimization.
+    Collective (the data check)."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True  # input shapes are fixed: pick the fastest kernels
+    ckpt = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+    resume = resume_source(cfg, world)
+    state = ckpt.load(resume)
+    plan = resolve_batch(cfg, accelerator.num_processes, state.get("global_batch") if state else None)
+    data = build_data(cfg, accelerator, plan, train=train_loader, val=val_loader)
+    model, channels_last = build_model_on(cfg, plan.world, accelerator.device)
+    opt = build_optimization(model, cfg.optim, cfg.train, plan.global_batch, data.steps_per_epoch)
+    return Parts(plan, data, model, channels_last, opt, ckpt.resolve(resume) if state else None, state)
+
+
 class Trainer:
-    def __init__(self, cfg: Config, accelerator, world: WorldInfo) -> None:
+    """Trains the parts it is given: ``fit()`` runs epochs, validation, checkpoints and metrics.
+
+    ``Trainer(cfg, acc, world)`` builds its parts with :func:`build_parts`."""
+
+    def __init__(self, cfg: Config, accelerator, world: WorldInfo, parts: Parts | None = None) -> None:
+        parts = parts or build_parts(cfg, accelerator, world)
         self.cfg, self.acc, self.world = cfg, accelerator, world
         self.device = accelerator.device
         self.is_main = accelerator.is_main_process
         self.run_dir = cfg.run_dir
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        elif torch.cuda.is_available():
-            torch.backends.cudnn.benchmark = True  # input shapes are fixed: pick the fastest kernels
-
-        d = cfg.data
-        full = self._checked_index()
-        self.train_idx, self.val_idx = split(full, d.n_folds, d.fold, cfg.seed)
-        if d.pseudo_csv:
-            # Pseudo-labelled test images join the training folds, never the validation fold.
-            self.train_idx = self.train_idx.concat(pseudo_index(Path(d.root), Path(d.pseudo_csv)))
-        self.shard = Shard(accelerator.process_index, accelerator.num_processes)
-        if d.global_batch_size:
-            per = self.shard.world * cfg.train.grad_accum
-            if d.global_batch_size % per:
-                raise UserError(
-                    f"data.global_batch_size={d.global_batch_size} is not divisible by {self.shard.world} "
-                    f"processes x train.grad_accum={cfg.train.grad_accum}; choose a multiple of {per}"
-                )
-            d.batch_size = d.global_batch_size // per
-        self.channels_last = cfg.model.channels_last and self.device.type == "cuda"
-        self.train_loader = build_loader(
-            self.train_idx, cfg, self.shard, self.device, True, self.channels_last
-        )
-        self.val_loader = build_loader(self.val_idx, cfg, self.shard, self.device, False, self.channels_last)
-        accum = cfg.train.grad_accum
-        self.steps_per_epoch = self.train_loader.steps_per_epoch // accum
-        if self.steps_per_epoch < 1:
-            raise UserError(
-                f"data.batch_size={d.batch_size} x {self.shard.world} processes x train.grad_accum={accum} "
-                f"is larger than the {len(self.train_idx)} training images: lower the batch size"
-            )
-        self.global_batch = d.batch_size * self.shard.world * accum
-        lr = cfg.optim.lr * (
-            self.global_batch / cfg.optim.base_batch if cfg.optim.lr_scaling == "linear" else 1.0
-        )
-        self.peak_lr = lr
-
-        torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        model = build_model(cfg.model)
-        if cfg.train.sync_bn and self.shard.world > 1 and self.device.type != "cuda":
-            raise UserError("train.sync_bn=true needs CUDA devices (SyncBatchNorm runs on GPUs only)")
-        if cfg.train.sync_bn and self.shard.world > 1:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = model.to(
-            self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format
-        )
-        self.raw_model = model
-        self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-        optimizer = build_optimizer(model, cfg, lr)
-        total = cfg.train.epochs * self.steps_per_epoch
-        warmup = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda_factory(warmup, total, cfg.optim.min_lr_ratio)
-        )
+        self.plan = parts.plan
+        self.shard = Shard(accelerator.process_index, self.plan.world, self.plan.accum)
+        d = parts.data
+        self.train_idx, self.val_idx = d.train_idx, d.val_idx
+        self.train_loader, self.val_loader = d.train_loader, d.val_loader
+        self.steps_per_epoch = d.steps_per_epoch
+        self.global_batch = self.plan.global_batch
+        self.channels_last = parts.channels_last
+        self.peak_lr = parts.opt.peak_lr
+        self.raw_model = parts.model
+        self.ema = parts.opt.ema
+        self.scheduler = parts.opt.scheduler
         # The scheduler is stepped by us once per optimizer step, not prepared by Accelerate
         # (which would step it once per process).
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.inner_optimizer = optimizer
+        self.model, self.optimizer = accelerator.prepare(parts.model, parts.opt.optimizer)
+        self.inner_optimizer = parts.opt.optimizer
         if cfg.train.compile:
             self.model = torch.compile(self.model)
+        self._resume_from, self._resume_state = parts.resume_from, parts.resume_state
+        parts.resume_state = None  # fit() drops it after loading: no copy lingers with the caller
 
         self.faults = Faults(self.shard.rank, attempt=world.restart_count + world.slurm_restart_count)
         t = cfg.train
@@ -344,32 +252,8 @@ class Trainer:
         self.global_step = 0
         self.best_auc = -1.0
         self.nonfinite_steps = 0
-        self.history: list[dict] = []
 
     # ------------------------------------------------------------------------------------------
-    def _checked_index(self) -> DataIndex:
-        """The labelled index after the data check (cached by file sizes and mtimes): refuse with
-        the list of problems, or with ``data.on_bad_file=skip`` leave the bad images out."""
-        from .data.check import cached_check, check_data
-
-        d = self.cfg.data
-        cache_dir = Path(self.cfg.output.root) / ".data-check"
-        with self.acc.main_process_first():  # main checks and caches; the others read the cache
-            if d.check_cache:
-                report = cached_check(Path(d.root), d.labels_csv, cache_dir)
-            else:
-                report = check_data(Path(d.root), d.labels_csv)
-        report.require("train", d.on_bad_file)
-        index = train_index(d.root, d.labels_csv, d.limit)
-        keep = [i for i, n in enumerate(index.names) if n not in report.bad_names]
-        if len(keep) < len(index):
-            if self.is_main:
-                for p in report.problems:
-                    if p.fatal and p.path_or_name in report.bad_names:
-                        print(f"[data] data.on_bad_file=skip: leaving out {p.message}", file=sys.stderr)
-            index = index.subset(keep)
-        return index
-
     def log(self, msg: str) -> None:
         if self.is_main:
             print(msg, flush=True)
@@ -413,13 +297,16 @@ class Trainer:
         self.global_step, self.best_auc = state["global_step"], state["best_auc"]
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         self.epochs_without_improvement = state.get("epochs_without_improvement", 0)
-        if state.get("global_batch") != self.global_batch:
-            raise UserError(
-                f"the checkpoint was trained with global batch {state.get('global_batch')}, this run has "
-                f"{self.global_batch}: resume with the same batch_size x processes x grad_accum"
+        if state.get("global_batch") != self.global_batch:  # resolve_batch keeps it: a bug if not
+            raise RuntimeError(
+                f"global batch {self.global_batch} != the checkpoint's {state.get('global_batch')}"
             )
         if state["world_size"] == self.shard.world:
             set_rng_state(state["rng"][self.shard.rank])
+        # On another process count the data position still holds (optimizer step k trains on the
+        # same G samples however G is split), but per-rank random streams cannot carry over:
+        # augmentation and mixup draws are seeded by rank, so the continuation is close to, not
+        # bit-identical with, an uninterrupted run.
 
     def save(self, is_best: bool = False) -> None:
         state = self.state_dict()  # collective (RNG states): every rank takes part
@@ -431,9 +318,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, loader=None, model: nn.Module | None = None) -> EvalResult:
-        """Score every sample of the loader's split exactly once, across all ranks."""
-        loader = loader or self.val_loader
+    def evaluate(self) -> EvalResult:
+        """Score every sample of the validation split exactly once, across all ranks."""
         if self.shard.world > 1:
             # BatchNorm running statistics differ per rank after a step; the checkpoint holds rank
             # 0's. Score that model everywhere (DDP broadcasts rank 0's buffers at the next forward
@@ -441,35 +327,24 @@ class Trainer:
             for module in (self.raw_model, self.ema.module if self.ema else None):
                 for b in module.buffers() if module is not None else ():
                     dist.broadcast(b, src=0)
-        model = model or (self.ema.module if self.ema else self.raw_model)
-        was_training = model.training
-        model.eval()
-        idx, logits, labels = [], [], []
-        for batch in loader.iter_epoch(0):
-            with self.acc.autocast():
-                out = model(batch.images).float().squeeze(1)
-            idx.append(batch.index)
-            logits.append(out)
-            labels.append(batch.labels)
-        model.train(was_training)
-        return gather_unique(self.acc, torch.cat(idx), torch.cat(logits), torch.cat(labels))
+        return score(self.ema.module if self.ema else self.raw_model, self.val_loader, self.acc)
 
     # ------------------------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self) -> FitResult:
         cfg = self.cfg
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        resume = cfg.resume
-        if not resume and (self.world.restart_count or self.world.slurm_restart_count):
-            # torchrun --max-restarts restarted the workers, or Slurm requeued the job: carry on.
-            resume = "auto"
-        state = self.ckpt.load(resume)
+            # The resolved file holds the per-device batch this run used.
+            save_config(loader_config(cfg, self.plan), self.run_dir / "config.yaml")
+        state, self._resume_state = self._resume_state, None  # the trainer keeps no second copy
         if state is not None:
             self.load_state_dict(state)
-            self.log(
-                f"resumed from {self.ckpt.resolve(resume)} at epoch {self.epoch} step {self.global_step}"
+            moved = (
+                f" (saved by {state['world_size']} processes, continued on {self.shard.world})"
+                if state["world_size"] != self.shard.world
+                else ""
             )
+            self.log(f"resumed from {self._resume_from} at epoch {self.epoch} step {self.global_step}{moved}")
         self._stop = _StopFlag(self.shard.world, cfg.dist.timeout_s)
         writer = None
         if self.is_main:
@@ -478,8 +353,7 @@ class Trainer:
                 self.run_dir, cfg.output.tensorboard, resume_step=self.global_step if state else None
             )
         self.log(
-            f"global batch {self.global_batch} = {cfg.data.batch_size} per device x {self.shard.world} "
-            f"processes x {cfg.train.grad_accum} accumulation; peak lr {self.peak_lr:g}; "
+            f"{self.plan.describe()}; peak lr {self.peak_lr:g}; "
             f"{self.steps_per_epoch} steps/epoch; train {len(self.train_idx)} val {len(self.val_idx)} images; "
             f"device {self.device}; backend {cfg.data.backend}; precision {cfg.train.mixed_precision}"
         )
@@ -509,7 +383,6 @@ class Trainer:
                     if writer:
                         writer.log(self.global_step, self.epoch, val)
                         writer.flush()
-                    self.history.append({"epoch": self.epoch, **val})
                     self.log(
                         f"epoch {self.epoch}/{cfg.train.epochs}: val/auc {val['val/auc']:.4f} "
                         f"val/loss {val['val/loss']:.4f} (n={val['val/n']}) in {val['perf/epoch_time_s']:.1f}s"
@@ -521,12 +394,7 @@ class Trainer:
             self._stop.restore()
             if writer:
                 writer.close()
-        return {
-            "best_auc": self.best_auc,
-            "global_step": self.global_step,
-            "epoch": self.epoch,
-            "history": self.history,
-        }
+        return FitResult(self.best_auc, self.global_step, self.epoch)
 
     def _max_steps_reached(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.global_step >= self.cfg.train.max_steps
@@ -537,7 +405,7 @@ class Trainer:
         Returns (mean loss, gradient norm, non-finite flag) as device tensors; nothing here waits
         on the device. Gradients are all-reduced only on the last micro-step."""
         cfg, acc, model = self.cfg, self.acc, self.model
-        accum = cfg.train.grad_accum
+        accum = self.plan.accum
         smooth = cfg.train.label_smoothing
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
@@ -576,7 +444,7 @@ class Trainer:
     def _train_epoch(self, writer: MetricsWriter | None, prof: ProfilerWindow) -> bool:
         """Train from (epoch, step_in_epoch) to the end of the epoch. False if stopped early."""
         cfg = self.cfg
-        accum = cfg.train.grad_accum
+        accum = self.plan.accum
         self.model.train()
         it = iter(self.train_loader.iter_epoch(self.epoch, start_step=self.step_in_epoch * accum))
         timer = StepTimer()
@@ -599,7 +467,7 @@ class Trainer:
             self.global_step += 1
             self.step_in_epoch += 1
             interval_steps += 1
-            timer.step_done(cfg.data.batch_size * accum)
+            timer.step_done(self.plan.per_device * accum)
             prof.step()
             if self.faults:
                 self.faults.after_step(self.global_step)

@@ -5,13 +5,16 @@ yields :class:`Batch` objects: images already on the device (float32, normalized
 memory format), labels and the positions of the samples in the split's ``DataIndex``.
 
 Training order: one permutation per epoch, seeded by (seed, epoch) and identical on all ranks,
-wrapped to a whole number of global batches (world x batch); rank r takes every world-th sample.
-Each epoch therefore visits every sample at least once, every rank has the same number of steps,
-and the order is a pure function of (seed, epoch): resuming at step k only needs k.
+wrapped to a whole number of optimizer steps (world x batch x accum samples each); rank r takes
+every world-th sample of each micro-step's slice. Optimizer step k therefore trains on positions
+[k x G, (k + 1) x G) of the wrapped permutation (G the global batch) however G is split into
+processes x batch x accum, each epoch visits every sample at least once, every rank has the same
+number of steps, and the order is a pure function of (seed, epoch): resuming at step k only needs k,
+also on another number of processes.
 
 Evaluation order: the split in order, padded (by repeating the first samples) to a multiple of
 world size and cut into contiguous per-rank shards. Padded duplicates carry real sample indices and
-are removed by index when predictions are gathered (see ``gather_predictions``).
+are removed by index when predictions are gathered (see ``evaluation.gather_unique``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Loader(Protocol):
 class Shard:
     rank: int = 0
     world: int = 1
+    accum: int = 1  # micro-batches per optimizer step: a training epoch is whole optimizer steps
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -54,16 +58,17 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def train_plan(n: int, batch: int, shard: Shard, seed: int, epoch: int) -> np.ndarray:
-    """(steps, batch) sample positions for this rank in this epoch."""
+    """(micro-steps, batch) sample positions for this rank in this epoch."""
     global_batch = batch * shard.world
-    steps = -(-n // global_batch)
+    steps = train_steps(n, batch, shard)
     perm = np.random.default_rng(epoch_seed(seed, epoch)).permutation(n)
     order = np.resize(perm, steps * global_batch)  # wraps: pads with the epoch's first samples
     return order[shard.rank :: shard.world].reshape(steps, batch)
 
 
 def train_steps(n: int, batch: int, shard: Shard) -> int:
-    return -(-n // (batch * shard.world))
+    """Micro-steps of a training epoch: ceil(n / global batch) optimizer steps x accum."""
+    return -(-n // (batch * shard.world * shard.accum)) * shard.accum
 
 
 def eval_plan(n: int, batch: int, shard: Shard) -> list[np.ndarray]:

@@ -41,7 +41,6 @@ changed.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -55,6 +54,8 @@ from typing import Any, Literal
 from PIL import Image, ImageFile
 
 from ..errors import UserError
+from ..files import write_json
+from .kaggle import NameRows, name_key, parse_name_csv
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
@@ -185,95 +186,13 @@ class CheckReport:
 # The label file and the sample submission.
 
 
-@dataclass
-class _Rows:
-    names: list[str]  # names of the usable rows, in file order
-    labels: list[int]  # their labels (0/1; -1 for the sample submission)
-    bad_names: list[str]  # rows whose name is not an integer (kept in names for a train file)
-
-
-def _read_name_csv(path: Path, prefix: str, labelled: bool, problems: list[Problem]) -> _Rows | None:
-    """Parse a ``name,invasive`` file; every problem goes into ``problems``. None if unusable."""
-    what = "label file" if labelled else "sample submission"
-    fix = (
-        "it must be 'name,invasive' with one row per train image, as the Kaggle train_labels.csv"
-        if labelled
-        else "it must be 'name,invasive' with one row per test image, as the Kaggle sample_submission.csv"
-    )
-
-    def add(kind: str, message: str, fatal: bool = True) -> None:
-        problems.append(Problem(prefix + kind, str(path), message, fatal))
-
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        add("labels-unreadable", f"{path}: cannot read the {what} ({e.strerror or e}); check its permissions")
-        return None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        add("labels-unreadable", f"{path}: the {what} is not UTF-8 text; {fix}")
-        return None
-    if "\x00" in text:
-        add("labels-unreadable", f"{path}: the {what} contains NUL bytes (binary data?); {fix}")
-        return None
-    try:
-        rows = [r for r in csv.reader(io.StringIO(text, newline="")) if any(c.strip() for c in r)]
-    except csv.Error as e:
-        add("labels-unreadable", f"{path}: the {what} is not a readable CSV ({e}); {fix}")
-        return None
-    if not rows:
-        add("labels-empty", f"{path}: the {what} is empty; {fix}")
-        return None
-    header = [c.strip() for c in rows[0]]
-    if header != ["name", "invasive"]:
-        add("labels-header", f"{path}: header is {','.join(rows[0])!r}, expected 'name,invasive'; {fix}")
-        return None
-    if len(rows) == 1:
-        add("labels-empty", f"{path}: the {what} has a header but no rows; {fix}")
-        return None
-
-    names: list[str] = []
-    labels: list[int] = []
-    bad_names: list[str] = []
-    seen: dict[str, int] = {}
-    # Line numbers assume one row per line (true for these files; blank lines are skipped by csv).
-    lines = [i + 1 for i, line in enumerate(text.splitlines()) if line.strip()]
-    for i, row in enumerate(rows[1:], start=1):
-        line = lines[i] if i < len(lines) else i + 1
-        where = f"{path} line {line}"
-        if len(row) != 2:
-            add(
-                "labels-row",
-                f"{where}: {','.join(row)!r} has {len(row)} field(s), expected 2 (name,invasive); fix the row",
-            )
-            continue
-        name, value = row[0].strip(), row[1].strip()
-        if name in seen:
-            add(
-                "duplicate-name",
-                f"{where}: name {name!r} already appears on line {seen[name]}; keep one row per image",
-            )
-            continue
-        seen[name] = line
-        if not (name.isascii() and name.isdigit()):
-            message = (
-                f"{where}: name {name!r} is not an integer (Kaggle names are 1, 2, ...); "
-                "rename the image and the row, or remove the row"
-            )
-            problems.append(Problem(prefix + "bad-name", name, message, True))
-            if not labelled:
-                continue
-            bad_names.append(name)
-        if labelled and value not in ("0", "1"):
-            add(
-                "bad-label",
-                f"{where}: image {name!r} has label {value!r}; labels must be 0 or 1, fix the row",
-            )
-            continue
-        names.append(name)
-        labels.append(int(value) if labelled else -1)
-    return _Rows(names, labels, bad_names)
+def _read_name_csv(path: Path, prefix: str, labelled: bool, problems: list[Problem]) -> NameRows | None:
+    """The loader's own parser (``kaggle.parse_name_csv``): the check reports exactly what
+    training would refuse. Problems go into ``problems``; None if the file is unusable."""
+    rows = parse_name_csv(path, labelled)
+    problems += [Problem(prefix + p.kind, p.key, p.message, True) for p in rows.problems]
+    unusable = {"labels-unreadable", "labels-empty", "labels-header"}
+    return None if any(p.kind in unusable for p in rows.problems) else rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,15 +331,11 @@ def _jpg_names(folder: Path) -> list[str]:
         return []
 
 
-def _name_key(name: str) -> tuple[int, int | str]:
-    return (0, int(name)) if name.isdigit() else (1, name)
-
-
 def _unlisted(folder: Path, names: set[str], kind: str, what: str) -> list[Problem]:
     """Warnings for image files that no CSV row lists, in name order."""
     return [
         Problem(kind, str(folder / f"{n}.jpg"), f"{folder / f'{n}.jpg'}: {what}", False)
-        for n in sorted(names, key=_name_key)
+        for n in sorted(names, key=name_key)
     ]
 
 
@@ -459,7 +374,7 @@ def check_data(
 
     # Train labels.
     labels_path = root / labels_csv
-    rows: _Rows | None = None
+    rows: NameRows | None = None
     if not labels_path.is_file():
         problems.append(
             Problem(
@@ -498,7 +413,7 @@ def check_data(
             f"not listed in {sub_path.name}, so no prediction is made for it; add a row or remove the file",
         )
     elif test_files:
-        test_names = sorted(test_files, key=_name_key)
+        test_names = sorted(test_files, key=name_key)
     else:
         problems.append(
             Problem(
@@ -597,10 +512,7 @@ def cached_check(root: Path, labels_csv: str, cache_dir: Path, **kw: Any) -> Che
     if report.problems and any(p.kind == "missing-root" for p in report.problems):
         return report  # nothing worth caching
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"fingerprint": fp, "report": report.to_json()}, indent=1))
-        os.replace(tmp, cache_file)
+        write_json(cache_file, {"fingerprint": fp, "report": report.to_json()}, indent=1)
     except OSError:
         pass  # a read-only cache folder only costs the next check its time
     return report

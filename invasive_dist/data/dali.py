@@ -199,7 +199,10 @@ class DaliLoader(LoaderBase):
         """The reader's file list as positions: world equal shards, shard r = rank r's samples."""
         n, world = len(self.index), self.shard.world
         if self.train:
-            plans = [train_plan(n, self.batch, Shard(r, world), self.seed, epoch) for r in range(world)]
+            plans = [
+                train_plan(n, self.batch, Shard(r, world, self.shard.accum), self.seed, epoch)
+                for r in range(world)
+            ]
             return np.concatenate([p.ravel() for p in plans])
         return np.resize(np.arange(n), self.per_rank * world)
 

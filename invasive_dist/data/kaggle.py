@@ -10,6 +10,7 @@ test images). Positions in an index are the "sample indices" that batches carry.
 
 from __future__ import annotations
 
+import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,24 +70,132 @@ def read_csv_text(path: Path) -> pd.DataFrame:
     return df.apply(lambda col: col.str.strip())
 
 
+@dataclass(frozen=True)
+class RowProblem:
+    kind: (
+        str  # labels-unreadable, labels-empty, labels-header, labels-row, duplicate-name, bad-name, bad-label
+    )
+    key: str  # the file, or for bad-name the row's name
+    message: str  # names the file and line and says what to do
+
+
+@dataclass
+class NameRows:
+    names: list[str]  # names of the usable rows, in file order
+    labels: list[int]  # their labels (0/1; -1 for the sample submission)
+    bad_names: list[str]  # rows whose name is not an integer (kept in names for a label file)
+    problems: list[RowProblem]
+
+
 def read_labels(path: Path) -> pd.DataFrame:
-    """Label file -> DataFrame(name: str, invasive: int). Rows that are not 0/1 are an error."""
-    df = read_csv_text(path)
-    bad = df[~df["invasive"].isin(["0", "1"])]
-    if len(bad):
-        row = bad.index[0]
-        raise UserError(
-            f"{path}: row {row + 2} (name {bad.iloc[0]['name']!r}) has label "
-            f"{bad.iloc[0]['invasive']!r}; labels must be 0 or 1 "
-            f"({len(bad)} such row(s); run `invasive-dist check-data` for the full list)"
+    """Label file -> DataFrame(name: str, invasive: int), by the parser ``check-data`` uses.
+
+    Any problem of the file or of a row (header, field count, a label that is not 0/1, a duplicate
+    name) is a UserError naming the file and line. Names that are not integers are kept here: the
+    data check marks them bad (refused, or left out with ``data.on_bad_file=skip``)."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: file not found")
+    rows = parse_name_csv(Path(path), labelled=True)
+    refused = [p for p in rows.problems if p.kind != "bad-name"]
+    if refused:
+        more = (
+            f" ({len(refused) - 1} more; run `invasive-dist check-data` for the list)"
+            if len(refused) > 1
+            else ""
         )
-    dup = df[df["name"].duplicated()]
-    if len(dup):
-        raise UserError(
-            f"{path}: name {dup.iloc[0]['name']!r} appears more than once "
-            f"({len(dup)} duplicate row(s)); each image must have one label"
-        )
-    return pd.DataFrame({"name": df["name"], "invasive": df["invasive"].astype(np.int64)})
+        raise UserError(refused[0].message + more)
+    return pd.DataFrame(
+        {"name": pd.Series(rows.names, dtype=object), "invasive": np.asarray(rows.labels, np.int64)}
+    )
+
+
+def parse_name_csv(path: Path, labelled: bool = True) -> NameRows:
+    """Parse a ``name,invasive`` file (the label file, or with ``labelled=False`` the sample
+    submission) into its usable rows and every problem found, each naming the file and line.
+    Never raises: :func:`read_labels` refuses on the problems, ``check-data`` reports them."""
+    what = "label file" if labelled else "sample submission"
+    fix = (
+        "it must be 'name,invasive' with one row per train image, as the Kaggle train_labels.csv"
+        if labelled
+        else "it must be 'name,invasive' with one row per test image, as the Kaggle sample_submission.csv"
+    )
+
+    problems: list[RowProblem] = []
+
+    def add(kind: str, message: str) -> None:
+        problems.append(RowProblem(kind, str(path), message))
+
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        add("labels-unreadable", f"{path}: cannot read the {what} ({e.strerror or e}); check its permissions")
+        return NameRows([], [], [], problems)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        add("labels-unreadable", f"{path}: the {what} is not UTF-8 text; {fix}")
+        return NameRows([], [], [], problems)
+    if "\x00" in text:
+        add("labels-unreadable", f"{path}: the {what} contains NUL bytes (binary data?); {fix}")
+        return NameRows([], [], [], problems)
+    try:
+        rows = [r for r in csv.reader(io.StringIO(text, newline="")) if any(c.strip() for c in r)]
+    except csv.Error as e:
+        add("labels-unreadable", f"{path}: the {what} is not a readable CSV ({e}); {fix}")
+        return NameRows([], [], [], problems)
+    if not rows:
+        add("labels-empty", f"{path}: the {what} is empty; {fix}")
+        return NameRows([], [], [], problems)
+    header = [c.strip() for c in rows[0]]
+    if header != ["name", "invasive"]:
+        add("labels-header", f"{path}: header is {','.join(rows[0])!r}, expected 'name,invasive'; {fix}")
+        return NameRows([], [], [], problems)
+    if len(rows) == 1:
+        add("labels-empty", f"{path}: the {what} has a header but no rows; {fix}")
+        return NameRows([], [], [], problems)
+
+    names: list[str] = []
+    labels: list[int] = []
+    bad_names: list[str] = []
+    seen: dict[str, int] = {}
+    # Line numbers assume one row per line (true for these files; blank lines are skipped by csv).
+    lines = [i + 1 for i, line in enumerate(text.splitlines()) if line.strip()]
+    for i, row in enumerate(rows[1:], start=1):
+        line = lines[i] if i < len(lines) else i + 1
+        where = f"{path} line {line}"
+        if len(row) != 2:
+            add(
+                "labels-row",
+                f"{where}: {','.join(row)!r} has {len(row)} field(s), expected 2 (name,invasive); fix the row",
+            )
+            continue
+        name, value = row[0].strip(), row[1].strip()
+        if name in seen:
+            add(
+                "duplicate-name",
+                f"{where}: name {name!r} appears more than once (already on line {seen[name]}); "
+                "keep one row per image",
+            )
+            continue
+        seen[name] = line
+        if not (name.isascii() and name.isdigit()):
+            message = (
+                f"{where}: name {name!r} is not an integer (Kaggle names are 1, 2, ...); "
+                "rename the image and the row, or remove the row"
+            )
+            problems.append(RowProblem("bad-name", name, message))
+            if not labelled:
+                continue
+            bad_names.append(name)
+        if labelled and value not in ("0", "1"):
+            add(
+                "bad-label",
+                f"{where}: image {name!r} has label {value!r}; labels must be 0 or 1, fix row {line}",
+            )
+            continue
+        names.append(name)
+        labels.append(int(value) if labelled else -1)
+    return NameRows(names, labels, bad_names, problems)
 
 
 def train_index(root: str | Path, labels_csv: str = "train_labels.csv", limit: int = 0) -> DataIndex:
@@ -106,7 +215,7 @@ def train_index(root: str | Path, labels_csv: str = "train_labels.csv", limit: i
     )
 
 
-def _name_key(name: str) -> tuple[int, int | str]:
+def name_key(name: str) -> tuple[int, int | str]:
     return (0, int(name)) if name.isdigit() else (1, name)
 
 
@@ -117,7 +226,7 @@ def test_index(root: str | Path) -> DataIndex:
     if sub.is_file():
         names = list(read_csv_text(sub)["name"])
     elif (root / "test").is_dir():
-        names = sorted((p.stem for p in (root / "test").glob("*.jpg")), key=_name_key)
+        names = sorted((p.stem for p in (root / "test").glob("*.jpg")), key=name_key)
     else:
         raise UserError(f"{root}: neither sample_submission.csv nor a test/ folder was found")
     if not names:

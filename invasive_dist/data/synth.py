@@ -39,15 +39,15 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing as mp
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..errors import UserError
+from ..files import write_bytes
 
 SPLITS = {"train": 1, "test": 2}  # part of every image's seed, so train/5 and test/5 differ
 _LABEL_STREAM = 0  # rng entropy [seed, split, 0] draws the labels; image names start at 1
@@ -337,12 +337,6 @@ def draw_labels(seed: int, split: str, n: int, positive_frac: float) -> np.ndarr
 # Files.
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _csv_bytes(rows: list[tuple[int, str]], newline: str) -> bytes:
     lines = ["name,invasive"] + [f"{n},{v}" for n, v in rows]
     return (newline.join(lines) + newline).encode()
@@ -353,7 +347,7 @@ def _write_image(task: tuple[Path, str, int, int, tuple[int, int], int, int]) ->
     img = render_image(image_rng(seed, split, name), size, bool(label))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality, subsampling=0, progressive=False, optimize=False)
-    _atomic_write(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
 
 
 def _prepare(out: Path, params: dict) -> bool:
@@ -379,7 +373,7 @@ def _prepare(out: Path, params: dict) -> bool:
             if p.name.endswith(".tmp") or (p.is_file() and (stale or not keep)):
                 p.unlink()
     # The manifest goes first, so an interrupted run is recognised (and resumed) next time.
-    _atomic_write(manifest, json.dumps({"params": params, "complete": False}, indent=1).encode())
+    write_bytes(manifest, json.dumps({"params": params, "complete": False}, indent=1).encode())
     return keep
 
 
@@ -451,11 +445,11 @@ def synthesize(
 
     names = {split: range(1, len(v) + 1) for split, v in labels.items()}
     train_rows = list(zip(names["train"], labels["train"].tolist()))
-    _atomic_write(out / "train_labels.csv", _csv_bytes(train_rows, "\r\n"))
-    _atomic_write(out / "sample_submission.csv", _csv_bytes([(n, "0.5") for n in names["test"]], "\n"))
+    write_bytes(out / "train_labels.csv", _csv_bytes(train_rows, "\r\n"))
+    write_bytes(out / "sample_submission.csv", _csv_bytes([(n, "0.5") for n in names["test"]], "\n"))
     test_rows = list(zip(names["test"], labels["test"].tolist()))
-    _atomic_write(out / "test_labels_hidden.csv", _csv_bytes(test_rows, "\r\n"))
-    _atomic_write(out / MANIFEST, json.dumps({"params": params, "complete": True}, indent=1).encode())
+    write_bytes(out / "test_labels_hidden.csv", _csv_bytes(test_rows, "\r\n"))
+    write_bytes(out / MANIFEST, json.dumps({"params": params, "complete": True}, indent=1).encode())
     return SynthSummary(
         out=out,
         n_train=n_train,
@@ -467,9 +461,3 @@ def synthesize(
         n_written=len(tasks),
         seconds=time.perf_counter() - t0,
     )
-
-
-def summary_dict(summary: SynthSummary) -> dict:
-    d = asdict(summary)
-    d["out"] = str(summary.out)
-    return d

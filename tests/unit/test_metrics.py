@@ -48,17 +48,32 @@ def test_writer_jsonl_and_tensorboard(tmp_path):
     assert [e.value for e in ea.Scalars("train/loss")] == [0.5, 0.25]
 
 
-def test_step_timer_accounts_data_wait():
-    import time
+class FakeClock:
+    """A clock the test advances: timings that a loaded machine cannot disturb."""
 
-    t = StepTimer()
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.now += s
+
+
+def test_step_timer_accounts_data_wait():
+    clock = FakeClock()
+    t = StepTimer(clock)
     for _ in range(3):
         t.data_start()
-        time.sleep(0.02)
+        clock.sleep(0.02)  # waiting for the batch
         t.data_end()
-        time.sleep(0.01)
+        clock.sleep(0.01)  # the step
         t.step_done(8)
     m = t.read(world_size=2)
     assert 0.5 < m["perf/data_wait_frac"] < 0.9
+    assert m["perf/data_wait_frac"] == pytest.approx(2 / 3)
+    assert m["perf/step_time_s"] == pytest.approx(0.03)
+    assert m["perf/img_per_s_per_device"] == pytest.approx(24 / 0.09)
     assert m["perf/img_per_s"] == pytest.approx(2 * m["perf/img_per_s_per_device"])
     assert m["perf/world_size"] == 2

@@ -1,0 +1,114 @@
+"""Optimization: optimizer, learning-rate schedule and weight EMA, built together for one run.
+
+    opt = build_optimization(model, cfg.optim, cfg.train, plan, steps_per_epoch)
+    opt.optimizer, opt.scheduler, opt.ema, opt.peak_lr
+
+The schedule counts optimizer steps: linear warmup over ``optim.warmup_epochs`` x steps per epoch,
+then cosine decay to ``min_lr_ratio`` x peak at ``train.epochs`` x steps per epoch. With
+``optim.lr_scaling=linear`` the peak lr is lr x global_batch / base_batch (e.g. 0.1 x 512 / 256 =
+0.2). Steps per epoch depend only on (training images, global batch), so the schedule is the same
+whatever the number of processes that share the global batch (elastic resume relies on it).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import OptimConfig, TrainConfig
+from .models import head_name
+
+
+def lr_lambda_factory(warmup_steps: int, total_steps: int, min_ratio: float):
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(model: nn.Module, o: OptimConfig, lr: float) -> list[dict]:
+    """No weight decay on norms and biases; ``backbone_lr_mult`` for everything but the head."""
+    head = head_name(model) + "."
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = (name.startswith(head), p.ndim > 1)
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (is_head, decay), params in sorted(groups.items()):
+        mult = 1.0 if is_head else o.backbone_lr_mult
+        out.append({"params": params, "lr": lr * mult, "weight_decay": o.weight_decay if decay else 0.0})
+    return out
+
+
+def build_optimizer(model: nn.Module, o: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, o, lr)
+    if o.name == "sgd":
+        opt = torch.optim.SGD(
+            groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, fused=True
+        )
+        # Fused SGD skips its update when found_inf is set, but would create the momentum buffer
+        # from uninitialised memory on a skipped first step: create the buffers up front.
+        if o.momentum > 0:
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return opt
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), fused=True)
+
+
+class EMA:
+    """Exponential moving average of parameters and buffers, kept on the device."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_p = list(self.module.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
+
+
+@dataclass
+class Optimization:
+    optimizer: torch.optim.Optimizer  # not yet prepared by Accelerate
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # stepped by the Trainer once per optimizer step
+    ema: EMA | None  # None when train.ema_decay == 0
+    peak_lr: float  # after lr_scaling
+
+
+def peak_lr(o: OptimConfig, global_batch: int) -> float:
+    return o.lr * (global_batch / o.base_batch if o.lr_scaling == "linear" else 1.0)
+
+
+def build_optimization(
+    model: nn.Module, o: OptimConfig, t: TrainConfig, global_batch: int, steps_per_epoch: int
+) -> Optimization:
+    """Optimizer with its param groups, the warmup + cosine schedule, and the EMA (if on)."""
+    lr = peak_lr(o, global_batch)
+    ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
+    optimizer = build_optimizer(model, o, lr)
+    total = t.epochs * steps_per_epoch
+    warmup = int(round(o.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(warmup, total, o.min_lr_ratio))
+    return Optimization(optimizer, scheduler, ema, lr)
