@@ -154,7 +154,7 @@ def test_images_are_handed_over_without_a_copy(index):
         pipe_out = []
         take = ld._take
 
-        def spy(key, stream, take=take):
+        def spy(key, stream, take=take, pipe_out=pipe_out):
             out, item = take(key, stream)
             pipe_out.append(out.as_tensor())
             return out, item
