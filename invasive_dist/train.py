@@ -291,6 +291,8 @@ class Trainer:
             self.train_idx, cfg, self.shard, self.device, True, self.channels_last
         )
         self.val_loader = build_loader(self.val_idx, cfg, self.shard, self.device, False, self.channels_last)
+        if hasattr(self.train_loader, "epochs"):  # dali: its look-ahead stops at the last epoch
+            self.train_loader.epochs = cfg.train.epochs
         accum = cfg.train.grad_accum
         self.steps_per_epoch = self.train_loader.steps_per_epoch // accum
         if self.steps_per_epoch < 1:
