@@ -45,7 +45,7 @@ class DataConfig:
     check_cache: bool = True  # cache the data check by file sizes and mtimes
     dali_hw_decoder_load: float = 0.9  # dali: share of JPEG decoding on the hardware decoder
     dali_threads: int = 0  # dali: CPU threads per pipeline (0 = the cores of this process's share)
-    dali_hybrid_huffman_threshold: int = -1  # dali: pixels above which GPU Huffman (-1 = by cores)
+    dali_hybrid_huffman_threshold: int = -1  # dali: pixels above which Huffman is GPU-assisted (-1: by cores)
     dali_prefetch: int = 2  # dali: batches decoded ahead of the consumer, across epoch ends too
     cache_short_side: int = 0  # gpu_cache: stored image shorter side (0 = image_size/scale bound)
     pseudo_csv: str = ""  # name,invasive rows of test/ images added to the training folds only

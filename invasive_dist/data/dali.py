@@ -96,7 +96,7 @@ from .base import (
 from .gpu_cache import _oriented_size
 from .kaggle import DataIndex
 
-# DALI's default hybrid_huffman_threshold: images above it are Huffman-decoded on the GPU.
+# DALI's default hybrid_huffman_threshold: images above it use nvJPEG's GPU-assisted Huffman decoder.
 DALI_HUFFMAN_THRESHOLD = 1_000_000
 # Rough CPU Huffman-decoding rate of a ~1 MP photo per core (an estimate, not measured here) and the
 # rate a GPU input pipeline should sustain (ResNet-50 bf16 on an H100: ~4,000 img/s, bench.py).
@@ -114,11 +114,14 @@ def cores_per_process() -> int:
 
 
 def auto_huffman_threshold(cores: int, hw_decoder_load: float) -> int:
-    """The images not sent to the hardware decoder are Huffman-decoded on the CPU threads when they
-    have at most ``threshold`` pixels. Keep DALI's default (1 MP: the Kaggle 1154x866 = 999,364 px
-    photos go to the CPU) when the cores can keep up, else 0 (all on the GPU). E.g. 16 cores, 8 GPUs,
-    load 0.9: 2 cores x 300 = 600 img/s >= 0.1 x 4,000 = 400, CPU; at load 0.65 (DALI's default)
-    1,400 img/s are needed, GPU."""
+    """``hybrid_huffman_threshold`` for the images not sent to the hardware decoder: with at most that
+    many pixels they are Huffman-decoded on the CPU threads (nvJPEG's host backend), above it with
+    nvJPEG's GPU-assisted (hybrid) Huffman decoder, which DALI's docs say still largely uses the CPU
+    but less of it. Keep DALI's default (1 MP: the Kaggle 1154x866 = 999,364 px photos stay on the
+    host) when the cores can keep up, else 0. E.g. 16 cores, 8 GPUs, load 0.9: 2 cores x 300 =
+    600 img/s >= 0.1 x 4,000 = 400, host; at load 0.65 (DALI's default) 1,400 img/s are needed,
+    hybrid. The rates are estimates, not measured: ``bench --backend dali:dali_hybrid_huffman_threshold=0``
+    measures the other choice."""
     cpu_share = (1.0 - hw_decoder_load) * TARGET_IMG_PER_GPU
     return DALI_HUFFMAN_THRESHOLD if cores * HUFFMAN_IMG_PER_CORE >= cpu_share else 0
 
@@ -130,7 +133,7 @@ class DaliSettings:
     threads: int  # DALI CPU threads of the pipeline
     prefetch: int  # batches scheduled ahead of the one handed out
     hw_decoder_load: float  # share of the JPEGs on the hardware decoder (mixed only)
-    hybrid_huffman_threshold: int  # pixels above which Huffman decoding is on the GPU (mixed only)
+    hybrid_huffman_threshold: int  # pixels above which Huffman decoding is GPU-assisted (mixed only)
     width_hint: int  # preallocate_width_hint: widest image of the split
     height_hint: int  # preallocate_height_hint: tallest image of the split
 
