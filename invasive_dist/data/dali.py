@@ -264,17 +264,17 @@ NAMES, ANCHOR, SHAPE, HFLIP, VFLIP, ANGLE = "names", "anchor", "shape", "hflip",
 
 
 @pipeline_def
-def _pipeline(train: bool, gpu: bool, d, s: DaliSettings, channels_last: bool):
+def _pipeline(train: bool, gpu: bool, d, settings: DaliSettings, channels_last: bool):
     names = fn.external_source(name=NAMES, dtype=types.UINT8, ndim=1)
     jpegs = fn.io.file.read(names)
     decoder = {"device": "cpu"}
     if gpu:
         decoder = {
             "device": "mixed",
-            "hw_decoder_load": s.hw_decoder_load,
-            "hybrid_huffman_threshold": s.hybrid_huffman_threshold,
-            "preallocate_width_hint": s.width_hint,
-            "preallocate_height_hint": s.height_hint,
+            "hw_decoder_load": settings.hw_decoder_load,
+            "hybrid_huffman_threshold": settings.hybrid_huffman_threshold,
+            "preallocate_width_hint": settings.width_hint,
+            "preallocate_height_hint": settings.height_hint,
         }
     size = d.image_size
     if train:

@@ -147,17 +147,32 @@ def test_crops_follow_torchvisions_law(monkeypatch):
     assert (strip.height[0], strip.width[0], strip.top[0], strip.left[0]) == (20, 20, 0, 190)
 
 
-def test_training_images_are_the_drawn_crops_flips_and_turns(index):
+def test_training_images_are_the_drawn_crops_flips_and_turns(index, tmp_path):
     """Each DALI training image is its drawn box, resized, flipped and turned as torchvision does it
-    with the same parameters (measured per-image mean |diff| in the module docstring)."""
+    with the same parameters (measured per-image mean |diff| in the module docstring), also for a
+    photo with an EXIF rotation (the box is in upright pixels, as the header read gives them)."""
+    from PIL import Image
+
+    (tmp_path / "train").mkdir()
+    rows = []
+    for i in range(BATCH):
+        img = Image.open(index.paths[i])
+        exif = img.getexif()
+        if i == 0:
+            exif[0x0112] = 6  # stored sideways: upright it is 72 wide and 96 tall
+        img.save(tmp_path / "train" / f"{i + 1}.jpg", quality=95, exif=exif)
+        rows.append(f"{i + 1},{index.labels[i]}")
+    (tmp_path / "train_labels.csv").write_text("name,invasive\n" + "\n".join(rows) + "\n")
+    sub = train_index(tmp_path)
     d = cfg(rot90=True)
-    ld = DaliLoader(index, d, Shard(0, 2), CPU, True, 0)
-    batch = next(iter(ld.iter_epoch(1)))
+    ld = DaliLoader(sub, d, Shard(0, 1), CPU, True, 0)
+    assert tuple(ld.sizes[sub.names.index("1")]) == (96, 72)
+    batch = next(iter(ld.iter_epoch(1)))  # all 8 images
     params = ld.train_params((1, 0), batch.index.numpy())
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     (left, top), (width, height) = params["anchor"].T, params["shape"].T
     for i, pos in enumerate(batch.index.tolist()):
-        img = decode_rgb(index.paths[pos])
+        img = decode_rgb(sub.paths[pos])
         img = TF.resized_crop(
             img, int(top[i]), int(left[i]), int(height[i]), int(width[i]), [32, 32], antialias=True
         )
