@@ -30,8 +30,9 @@ the batch (``augment_params``), a random-resized-crop box by torchvision's rule,
 quarter-turn count. The torch backend makes the same kind of draws with a numpy Generator per sample
 in its workers; here that would be on the thread that launches the model's kernels, 20.7 ms per
 batch of 256 on this loaded machine against 0.45 ms vectorized, so the two backends draw by the same
-law but not the same boxes. The image sizes the boxes need are read from the JPEG headers once, when the loader is built.
-DALI then decodes only the box (``decoders.image_slice``, ROI decoding), resizes it to image_size
+law but not the same boxes. The image sizes the boxes need are read from the JPEG headers once,
+when the loader is built, after EXIF orientation: DALI's box is in upright pixels too (checked in
+tests/unit/test_dali.py with a photo stored sideways). DALI then decodes only the box (``decoders.image_slice``, ROI decoding), resizes it to image_size
 (antialias), flips (``flip``) and rotates (``rotate``, multiples of 90 degrees with nearest-neighbour
 sampling: exact pixel permutations) as told. No random operator is in the graph, so a batch does
 not depend on what the pipeline ran before: resuming at (epoch, step k) feeds batch k first and
