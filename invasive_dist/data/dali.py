@@ -32,9 +32,10 @@ in its workers; here that would be on the thread that launches the model's kerne
 batch of 256 on this loaded machine against 0.45 ms vectorized, so the two backends draw by the same
 law but not the same boxes. The image sizes the boxes need are read from the JPEG headers once,
 when the loader is built, after EXIF orientation: DALI's box is in upright pixels too (checked in
-tests/unit/test_dali.py with a photo stored sideways). DALI then decodes only the box (``decoders.image_slice``, ROI decoding), resizes it to image_size
-(antialias), flips (``flip``) and rotates (``rotate``, multiples of 90 degrees with nearest-neighbour
-sampling: exact pixel permutations) as told. No random operator is in the graph, so a batch does
+tests/unit/test_dali.py with a photo stored sideways). DALI then decodes only the box
+(``decoders.image_slice``, ROI decoding), resizes it to image_size (antialias), flips (``flip``)
+and rotates (``rotate``, multiples of 90 degrees with nearest-neighbour sampling: exact pixel
+permutations) as told. No random operator is in the graph, so a batch does
 not depend on what the pipeline ran before: resuming at (epoch, step k) feeds batch k first and
 decodes none of the k skipped ones, with the augmentations of an uninterrupted run.
 
