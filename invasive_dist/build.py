@@ -170,6 +170,8 @@ def build_data(cfg: Config, acc, plan: BatchPlan, train: bool = True, val: bool 
     shard = Shard(acc.process_index, plan.world, plan.accum)
     channels_last = channels_last_on(cfg, acc.device)
     train_loader = build_loader(train_idx, lcfg, shard, acc.device, True, channels_last) if train else None
+    if hasattr(train_loader, "epochs"):  # dali: its look-ahead never decodes past the last epoch
+        train_loader.epochs = cfg.train.epochs
     val_loader = build_loader(val_idx, lcfg, shard, acc.device, False, channels_last) if val else None
     return Data(train_idx, val_idx, train_loader, val_loader, steps)
 

@@ -44,7 +44,9 @@ class DataConfig:
     on_bad_file: Literal["error", "skip"] = "error"  # bad images: refuse to train, or exclude them
     check_cache: bool = True  # cache the data check by file sizes and mtimes
     dali_hw_decoder_load: float = 0.9  # dali: share of JPEG decoding on the hardware decoder
-    dali_threads: int = 4  # dali: CPU threads per pipeline
+    dali_threads: int = 0  # dali: CPU threads per pipeline (0 = the cores of this process's share)
+    dali_hybrid_huffman_threshold: int = -1  # dali: pixels above which Huffman is GPU-assisted (-1: by cores)
+    dali_prefetch: int = 2  # dali: batches decoded ahead of the consumer, across epoch ends too
     cache_short_side: int = 0  # gpu_cache: stored image shorter side (0 = image_size/scale bound)
     pseudo_csv: str = ""  # name,invasive rows of test/ images added to the training folds only
 
@@ -304,6 +306,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         )
     if not 0.0 <= d.dali_hw_decoder_load <= 1.0:
         problems.append(f"data.dali_hw_decoder_load={d.dali_hw_decoder_load} must be in [0, 1]")
+    if d.dali_threads < 0 or d.dali_prefetch < 0 or d.dali_hybrid_huffman_threshold < -1:
+        problems.append(
+            f"data.dali_threads={d.dali_threads} and data.dali_prefetch={d.dali_prefetch} must be >= 0, "
+            f"data.dali_hybrid_huffman_threshold={d.dali_hybrid_huffman_threshold} >= -1 (-1 = auto)"
+        )
     if t.grad_accum != "auto" and t.grad_accum < 1:
         problems.append(f"train.grad_accum={t.grad_accum} must be >= 1")
     if t.epochs < 1:

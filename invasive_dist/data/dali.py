@@ -1,63 +1,90 @@
-"""The DALI backend: ``fn.readers.file`` + JPEG decoding on the GPU (``mixed``) or, without CUDA, the
-same pipeline on CPU operators (``device_id=None``).
+"""The DALI backend: one pipeline per loader for its whole life, fed the plan's batches one by one;
+JPEG decoding on the GPU (``mixed``) or, without CUDA, the same pipeline on CPU operators
+(``device_id=None``).
 
     loader = DaliLoader(index, cfg.data, Shard(rank, world), device, train=True, seed=0)
+    loader.epochs = cfg.train.epochs  # optional: the look-ahead never decodes past the last epoch
     for batch in loader.iter_epoch(epoch, start_step=0): ...
 
-Train: ``decoders.image_random_crop`` (area [scale_min, 1], aspect [3/4, 4/3]) -> ``resize`` to
-image_size -> ``flip`` (coin flips) -> ``rotate`` by 0/90/180/270 (option) -> ``crop_mirror_normalize``.
+Feeding. The pipeline is built once, in the constructor. Every iteration gets its batch from
+``fn.external_source`` inputs that the loader feeds (``feed_input``) before it schedules the
+iteration (``schedule_run``): the files' names as UTF-8 bytes, read by ``fn.io.file.read`` on DALI's
+CPU threads, and for training each sample's crop window, flips and rotation. The batches are those of
+``base.train_plan`` / ``base.eval_plan``, so every backend yields the same indices in the same order.
+Why this and not a reader: ``fn.readers.file`` owns the order (an epoch is its file list, so each
+epoch or resume meant a new pipeline, as before this module was rewritten) and its augmentation RNG
+advances with every iteration run, so skipping batches on resume meant decoding them. Why names and
+not the files' bytes: the reads stay on DALI's thread pool (parallel, memory-mapped) instead of the
+Python thread that also launches the model's kernels. Measured on this machine's 2 (loaded) cores,
+DALI 2.4.0 CPU-only, 256 of the demo's 384x288 JPEGs: the Python thread spends 21 ms per batch
+reading and feeding bytes, 6.1 ms feeding a list of names, 2.6 ms feeding them as one dense array
+(``_name_table``), which is what this module does. A per-epoch pipeline build cost 4-40 ms here,
+and on a GPU a new nvJPEG/hardware-decoder set-up and an empty queue every epoch and evaluation.
+Together, on the same loaded cores (configs/demo.yaml, 2 DALI threads, 300 synthetic 384x288 JPEGs):
+3 epochs with an evaluation after each ran at 344-357 img/s, against 262-269 img/s with a pipeline
+per epoch and per evaluation that also decoded one batch too many each time.
+
+Augmentation is a pure function of (seed, epoch, rank, sample slot): the per-sample seeds are the
+torch backend's (``base.sample_seeds`` of the slot), and from each the host draws, vectorized over
+the batch (``augment_params``), a random-resized-crop box by torchvision's rule, two coin flips and a
+quarter-turn count. The torch backend makes the same kind of draws with a numpy Generator per sample
+in its workers; here that would be on the thread that launches the model's kernels, 20.7 ms per
+batch of 256 on this loaded machine against 0.45 ms vectorized, so the two backends draw by the same
+law but not the same boxes. The image sizes the boxes need are read from the JPEG headers once,
+when the loader is built, after EXIF orientation: DALI's box is in upright pixels too (checked in
+tests/unit/test_dali.py with a photo stored sideways). DALI then decodes only the box
+(``decoders.image_slice``, ROI decoding), resizes it to image_size (antialias), flips (``flip``)
+and rotates (``rotate``, multiples of 90 degrees with nearest-neighbour sampling: exact pixel
+permutations) as told. No random operator is in the graph, so a batch does
+not depend on what the pipeline ran before: resuming at (epoch, step k) feeds batch k first and
+decodes none of the k skipped ones, with the augmentations of an uninterrupted run.
+
 Eval: ``decoders.image`` -> ``resize`` of the shorter side to ``eval_resize_size`` (antialias) -> center
 crop and normalize in ``crop_mirror_normalize``. The resize size and crop offset are computed per image
 from the JPEG header the way torchvision computes them (see ``_torchvision_eval_geometry``), so the eval
 images agree with the torch backend's to one uint8 level (CPU, measured in tests/unit/test_backends.py).
-Decoding is ``mixed`` (nvJPEG, ``hw_decoder_load`` of it on the hardware JPEG engines) and the rest runs
-on the GPU; the reader stays on the CPU either way. Channels-last output comes from an HWC
-``crop_mirror_normalize`` layout, viewed as NCHW without a copy.
+The last batch of a shard is fed short: nothing is padded, nothing decoded twice.
 
-Order and sharding. The reader is given the epoch's file list and shards it itself
-(``shard_id``/``num_shards``, ``pad_last_batch``, ``stick_to_shard``); the label it carries is the sample's
-position in the ``DataIndex``, so ``Batch.index`` comes out of the pipeline and the 0/1 label is looked
-up on the device. DALI cuts N files into shards ``[floor(i N / S), floor((i+1) N / S))`` (sizes differ by
-one when S does not divide N) and ``pad_last_batch`` repeats a shard's last sample to fill its last
-batch. Rather than live with unequal shards, the file list is laid out so that every shard has the
-same length and is exactly this backend's share of the torch backend's plan (``base.train_plan`` /
-``base.eval_plan``):
+Look-ahead (``data.dali_prefetch`` batches, default 2). The pipeline runs with
+``prefetch_queue_depth=1`` and the loader schedules the look-ahead itself: with a deeper queue DALI
+runs that many iterations at the first ``schedule_run`` whether or not they exist (a 1-step evaluation
+decoded two batches), and with one it accepts any number of scheduled iterations without blocking
+(measured: 8 scheduled in 1.6 ms, then decoded in order). Before handing out batch k the loader
+schedules up to k + prefetch, and the training loader runs on across the epoch's end into the next
+epoch's first batches (what the training loop asks for after the evaluation), but not past
+``loader.epochs`` when that is set. An evaluation of n batches decodes n. Asked for another batch than
+the one at the head of the queue (a resume elsewhere, an abandoned epoch), the loader takes the
+queued batches out unused (counted in ``wasted``) and starts again at the one asked for.
 
-- train: list = rank 0's plan, then rank 1's, ... (each ``steps x batch`` long, wrapped like the
-  torch backend's), so shard r is rank r's plan in order: same batches of indices as the torch
-  backend, every sample at least once per epoch, ``steps_per_epoch = ceil(N / (batch x world))`` on
-  every rank, and the padding is spread over the epoch's first samples instead of ``batch - 1``
-  copies of one image.
-- eval: the split in order, padded to a multiple of world size by repeating its first samples, so
-  shard r is rank r's contiguous ``eval_plan`` shard; the last batch's ``pad_last_batch`` rows are cut
-  off, so each rank yields its shard once (the padding to a multiple of world size repeats real
-  samples, removed by index in ``train.gather_unique``).
+Machine-aware settings (``resolve_settings``): CPU threads per pipeline = the cores of this process's
+share of the machine (its CPU affinity, divided by the processes per node unless the launcher already
+bound it to a subset), or ``data.dali_threads``; hardware-decoder share ``data.dali_hw_decoder_load``;
+``hybrid_huffman_threshold`` (``data.dali_hybrid_huffman_threshold``, auto: see
+``auto_huffman_threshold``); ``preallocate_width_hint``/``height_hint`` from the largest image of the
+split. Hand-over to torch without a copy: ``torch.from_dlpack`` of DALI's output (with the default
+dynamic executor DALI does not reuse an output buffer that is still referenced), bound to torch's
+current stream on the GPU. Channels-last output comes from an HWC ``crop_mirror_normalize`` layout,
+viewed as NCHW without a copy.
 
-The order is a seeded permutation per epoch (``base.epoch_seed``), not the reader's
-``random_shuffle``: that one shuffles the file list once with a fixed seed, so each rank would see
-the same subset every epoch, and it only shuffles within a buffer. The pipeline is rebuilt for every
-epoch (new file list, augmentation seed from (seed, epoch, rank)); that costs a pipeline build per
-epoch (tens of ms on CPU; on a GPU the decoder set-up too, unmeasured here). An epoch is a pure
-function of (seed, epoch, rank), so ``start_step=k`` runs the pipeline k times and discards the output
-(the remaining batches are then the same as in an uninterrupted epoch, augmentations included; the
-price is decoding k batches once, on resume).
-
-Errors: a missing file is refused when the loader is built; a file DALI cannot decode stops the
-pipeline with a message that names no file, so the files of the failing batches are checked with
-torchvision and the UserError names the first bad one.
+Errors: a missing file, or one whose header cannot be read, is refused when the loader is built; a
+file DALI cannot decode stops the pipeline with a message that names no file, so the files of the
+batches in flight are checked with torchvision and the UserError names the first bad one.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
-from nvidia.dali.plugin.pytorch import feed_ndarray
 
+from ..distributed import world_info_from_env
 from ..errors import UserError
 from .base import (
     IMAGENET_MEAN,
@@ -65,14 +92,146 @@ from .base import (
     Batch,
     LoaderBase,
     Shard,
+    eval_plan,
     eval_resize_size,
+    sample_seeds,
     train_plan,
     train_steps,
 )
+from .gpu_cache import _oriented_size
 from .kaggle import DataIndex
 
-READER = "Reader"
-PREFETCH = 2  # DALI's prefetch_queue_depth: batches decoded ahead of the consumer
+# DALI's default hybrid_huffman_threshold: images above it use nvJPEG's GPU-assisted Huffman decoder.
+DALI_HUFFMAN_THRESHOLD = 1_000_000
+# Rough CPU Huffman-decoding rate of a ~1 MP photo per core (an estimate, not measured here) and the
+# rate a GPU input pipeline should sustain (ResNet-50 bf16 on an H100: ~4,000 img/s, bench.py).
+HUFFMAN_IMG_PER_CORE = 300
+TARGET_IMG_PER_GPU = 4000
+
+
+def cores_per_process() -> int:
+    """CPU cores this process may use for its input pipelines: its affinity set, shared with the
+    other processes of the node unless the launcher already bound it to a subset of the cores."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if usable < (os.cpu_count() or usable):
+        return max(1, usable)  # already bound (Slurm --cpus-per-task, numactl): this is our share
+    return max(1, usable // max(1, world_info_from_env().local_world_size))
+
+
+def auto_huffman_threshold(cores: int, hw_decoder_load: float) -> int:
+    """``hybrid_huffman_threshold`` for the images not sent to the hardware decoder: with at most that
+    many pixels they are Huffman-decoded on the CPU threads (nvJPEG's host backend), above it with
+    nvJPEG's GPU-assisted (hybrid) Huffman decoder, which DALI's docs say still largely uses the CPU
+    but less of it. Keep DALI's default (1 MP: the Kaggle 1154x866 = 999,364 px photos stay on the
+    host) when the cores can keep up, else 0. E.g. 16 cores, 8 GPUs, load 0.9: 2 cores x 300 =
+    600 img/s >= 0.1 x 4,000 = 400, host; at load 0.65 (DALI's default) 1,400 img/s are needed,
+    hybrid. The rates are estimates, not measured: ``bench --backend dali:dali_hybrid_huffman_threshold=0``
+    measures the other choice."""
+    cpu_share = (1.0 - hw_decoder_load) * TARGET_IMG_PER_GPU
+    return DALI_HUFFMAN_THRESHOLD if cores * HUFFMAN_IMG_PER_CORE >= cpu_share else 0
+
+
+@dataclass(frozen=True)
+class DaliSettings:
+    """What a pipeline is built with, resolved from ``data.dali_*`` and the machine."""
+
+    threads: int  # DALI CPU threads of the pipeline
+    prefetch: int  # batches scheduled ahead of the one handed out
+    hw_decoder_load: float  # share of the JPEGs on the hardware decoder (mixed only)
+    hybrid_huffman_threshold: int  # pixels above which Huffman decoding is GPU-assisted (mixed only)
+    width_hint: int  # preallocate_width_hint: widest image of the split
+    height_hint: int  # preallocate_height_hint: tallest image of the split
+
+
+def resolve_settings(cfg_data, sizes: np.ndarray) -> DaliSettings:
+    """``sizes``: (N, 2) oriented (height, width) of the split's images."""
+    cores = cores_per_process()
+    threads = cfg_data.dali_threads or cores
+    threshold = cfg_data.dali_hybrid_huffman_threshold
+    if threshold < 0:
+        threshold = auto_huffman_threshold(cores, cfg_data.dali_hw_decoder_load)
+    return DaliSettings(
+        threads=threads,
+        prefetch=cfg_data.dali_prefetch,
+        hw_decoder_load=cfg_data.dali_hw_decoder_load,
+        hybrid_huffman_threshold=threshold,
+        width_hint=int(sizes[:, 1].max()),
+        height_hint=int(sizes[:, 0].max()),
+    )
+
+
+def _name_table(paths: list[str]) -> np.ndarray:
+    """(N, L) uint8: each file's absolute path in UTF-8, left-padded with "/" to one length (on Linux
+    any number of leading slashes names the root), so a batch of names is one dense array: feeding
+    it cost 2.6 ms per batch of 256 against 6.1 ms for a list of per-file arrays (2 loaded cores)."""
+    encoded = [os.path.abspath(p).encode("utf-8") for p in paths]
+    width = max(len(e) for e in encoded)
+    return np.frombuffer(b"".join(e.rjust(width, b"/") for e in encoded), dtype=np.uint8).reshape(
+        len(paths), width
+    )
+
+
+@dataclass
+class AugmentParams:
+    """Per-sample training augmentation of a batch, in input-image pixels (after EXIF orientation)."""
+
+    top: np.ndarray  # (B,) float32 crop box
+    left: np.ndarray
+    height: np.ndarray
+    width: np.ndarray
+    hflip: np.ndarray  # (B,) bool
+    vflip: np.ndarray
+    quarter_turns: np.ndarray  # (B,) int: counter-clockwise rotation by 90 degrees times this
+
+
+TRIES = 10  # random-resized-crop attempts before the center-square fallback, as torchvision
+LOG_RATIO = (np.log(3 / 4), np.log(4 / 3))
+
+
+def _uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
+    """(B, count) uniforms in [0, 1), a pure function of each 63-bit seed: SplitMix64 of the seed's
+    Weyl sequence, vectorized over the batch (a numpy Generator per sample is ~80 times slower)."""
+    with np.errstate(over="ignore"):
+        z = seeds.astype(np.uint64)[:, None] + np.uint64(0x9E3779B97F4A7C15) * np.arange(
+            1, count + 1, dtype=np.uint64
+        )
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def augment_params(sizes: np.ndarray, seeds: np.ndarray, d) -> AugmentParams:
+    """Random-resized crops as torchvision draws them (area in [scale_min, 1] of the image,
+    log-uniform aspect in [3/4, 4/3], the first of 10 tries that fits, else the center square),
+    coin flips and quarter turns, for a batch: ``sizes`` (B, 2) oriented (height, width), ``seeds``
+    the per-sample seeds (``base.sample_seeds``). The draws are made whatever the config, so a crop
+    does not depend on whether flips or rotations are on."""
+    h, w = sizes[:, :1].astype(np.float64), sizes[:, 1:].astype(np.float64)
+    u = _uniforms(seeds, 2 * TRIES + 5)
+    area = h * w * (d.scale_min + (1.0 - d.scale_min) * u[:, :TRIES])
+    ratio = np.exp(LOG_RATIO[0] + (LOG_RATIO[1] - LOG_RATIO[0]) * u[:, TRIES : 2 * TRIES])
+    cw, ch = np.round(np.sqrt(area * ratio)), np.round(np.sqrt(area / ratio))
+    fits = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
+    first = fits.argmax(1)[:, None]  # the first try that fits
+    found = fits.any(1)
+    side = np.minimum(h, w)[:, 0]
+    cw = np.where(found, np.take_along_axis(cw, first, 1)[:, 0], side)
+    ch = np.where(found, np.take_along_axis(ch, first, 1)[:, 0], side)
+    h, w = h[:, 0], w[:, 0]
+    r = u[:, 2 * TRIES :]
+    top = np.where(found, np.minimum(np.floor(r[:, 0] * (h - ch + 1)), h - ch), (h - ch) // 2)
+    left = np.where(found, np.minimum(np.floor(r[:, 1] * (w - cw + 1)), w - cw), (w - cw) // 2)
+    f32 = np.float32
+    return AugmentParams(
+        top=top.astype(f32),
+        left=left.astype(f32),
+        height=ch.astype(f32),
+        width=cw.astype(f32),
+        hflip=r[:, 2] < 0.5,
+        vflip=r[:, 3] < 0.5,
+        quarter_turns=np.floor(r[:, 4] * 4).astype(np.int64),
+    )
 
 
 def _torchvision_eval_geometry(jpegs, short: int, size: int):
@@ -102,40 +261,47 @@ def _torchvision_eval_geometry(jpegs, short: int, size: int):
     )
 
 
+# Names of the external_source inputs fed per iteration.
+NAMES, ANCHOR, SHAPE, HFLIP, VFLIP, ANGLE = "names", "anchor", "shape", "hflip", "vflip", "angle"
+
+
 @pipeline_def
-def _pipeline(files, positions, shard: Shard, train: bool, gpu: bool, d, channels_last: bool):
-    jpegs, pos = fn.readers.file(
-        files=files,
-        labels=positions,
-        shard_id=shard.rank,
-        num_shards=shard.world,
-        random_shuffle=False,  # the file list is already the epoch's permutation (module docstring)
-        pad_last_batch=True,
-        stick_to_shard=True,
-        name=READER,
-    )
-    decoder = {"device": "mixed", "hw_decoder_load": d.dali_hw_decoder_load} if gpu else {"device": "cpu"}
+def _pipeline(train: bool, gpu: bool, d, settings: DaliSettings, channels_last: bool):
+    names = fn.external_source(name=NAMES, dtype=types.UINT8, ndim=1)
+    jpegs = fn.io.file.read(names)
+    decoder = {"device": "cpu"}
+    if gpu:
+        decoder = {
+            "device": "mixed",
+            "hw_decoder_load": settings.hw_decoder_load,
+            "hybrid_huffman_threshold": settings.hybrid_huffman_threshold,
+            "preallocate_width_hint": settings.width_hint,
+            "preallocate_height_hint": settings.height_hint,
+        }
     size = d.image_size
     if train:
-        images = fn.decoders.image_random_crop(
+        anchor = fn.external_source(name=ANCHOR, dtype=types.FLOAT, ndim=1)  # (left, top)
+        shape = fn.external_source(name=SHAPE, dtype=types.FLOAT, ndim=1)  # (width, height)
+        images = fn.decoders.image_slice(
             jpegs,
+            anchor,
+            shape,
+            normalized_anchor=False,
+            normalized_shape=False,
+            axis_names="WH",
             output_type=types.RGB,
-            random_area=[d.scale_min, 1.0],
-            random_aspect_ratio=[3 / 4, 4 / 3],
-            num_attempts=10,
             **decoder,
         )
         images = fn.resize(images, size=[size, size], antialias=True)
         if d.hflip or d.vflip:
             images = fn.flip(
                 images,
-                horizontal=fn.random.coin_flip() if d.hflip else 0,
-                vertical=fn.random.coin_flip() if d.vflip else 0,
+                horizontal=fn.external_source(name=HFLIP, dtype=types.INT32, ndim=0) if d.hflip else 0,
+                vertical=fn.external_source(name=VFLIP, dtype=types.INT32, ndim=0) if d.vflip else 0,
             )
         if d.rot90:
-            # Multiples of 90 degrees of a square image with nearest-neighbour sampling are exact
-            # pixel permutations (checked against np.rot90).
-            angle = fn.random.uniform(values=[0.0, 90.0, 180.0, 270.0])
+            # Counter-clockwise by 90 k degrees = torch.rot90(k, dims=(H, W)), as the torch backend.
+            angle = fn.external_source(name=ANGLE, dtype=types.FLOAT, ndim=0)
             images = fn.rotate(images, angle=angle, interp_type=types.INTERP_NN, keep_size=True)
         crop_pos_x = crop_pos_y = 0.5  # the image is already image_size square
     else:
@@ -144,7 +310,7 @@ def _pipeline(files, positions, shard: Shard, train: bool, gpu: bool, d, channel
             jpegs, eval_resize_size(size, d.eval_crop_pct), size
         )
         images = fn.resize(images, resize_x=resize_x, resize_y=resize_y, antialias=True, subpixel_scale=False)
-    images = fn.crop_mirror_normalize(
+    return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT,
         # HWC output is an NHWC batch: permuted to NCHW it is channels_last without a copy.
@@ -155,18 +321,22 @@ def _pipeline(files, positions, shard: Shard, train: bool, gpu: bool, d, channel
         mean=[m * 255 for m in IMAGENET_MEAN],
         std=[s * 255 for s in IMAGENET_STD],
     )
-    if gpu:
-        pos = pos.gpu()
-    return images, pos
 
 
-def _dali_seed(seed: int, epoch: int, rank: int) -> int:
-    """Augmentation seed of one rank's epoch pipeline (DALI takes a non-negative 32-bit int)."""
-    return int(np.random.SeedSequence([seed, epoch, rank, 0xDA11]).generate_state(1)[0] & 0x7FFFFFFF)
+@dataclass
+class _Scheduled:
+    """A batch fed to the pipeline and scheduled, not yet handed out."""
+
+    key: tuple[int, int]  # (epoch, step)
+    positions: np.ndarray  # sample positions in the DataIndex
 
 
 class DaliLoader(LoaderBase):
-    """One split, one rank: ``iter_epoch`` builds that epoch's pipeline and yields device batches."""
+    """One split, one rank: one DALI pipeline, built here; ``iter_epoch`` feeds it the plan's batches
+    and yields device batches. ``builds``, ``decoded`` and ``wasted`` count pipeline builds, batches
+    scheduled and scheduled batches taken out unused."""
+
+    epochs: int | None = None  # epochs the consumer draws (None: no end known); look-ahead stops there
 
     def __init__(
         self,
@@ -188,100 +358,172 @@ class DaliLoader(LoaderBase):
                 "run `invasive-dist check-data`"
             )
         self.paths = [str(p) for p in index.paths]
+        self._names = _name_table(self.paths)
+        with ThreadPoolExecutor(min(8, cores_per_process() * 2)) as pool:
+            # (height, width) after EXIF orientation, from the headers: the crop boxes need them.
+            self.sizes = np.array(list(pool.map(_oriented_size, index.paths)), dtype=np.int64)
+        self.settings = resolve_settings(cfg_data, self.sizes)
         self.labels = torch.tensor(np.asarray(index.labels, dtype=np.float32), device=self.device)
         if train:
-            self.per_rank = train_steps(n, self.batch, shard) * self.batch
+            self.steps_per_epoch = train_steps(n, self.batch, shard)
         else:
-            self.per_rank = -(-n // shard.world)  # eval_plan's contiguous shard length
-        self.steps_per_epoch = -(-self.per_rank // self.batch)
+            self._eval_plan = eval_plan(n, self.batch, shard)
+            self.steps_per_epoch = len(self._eval_plan)
+        self._train_plans: dict[int, np.ndarray] = {}
+        self._queue: deque[_Scheduled] = deque()
+        self._next: tuple[int, int] | None = None  # the batch after the last scheduled one
+        self.builds = self.decoded = self.wasted = 0
+        self._pipe = None
+        self._build()
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The reader's file list as positions: world equal shards, shard r = rank r's samples."""
-        n, world = len(self.index), self.shard.world
-        if self.train:
-            plans = [
-                train_plan(n, self.batch, Shard(r, world, self.shard.accum), self.seed, epoch)
-                for r in range(world)
-            ]
-            return np.concatenate([p.ravel() for p in plans])
-        return np.resize(np.arange(n), self.per_rank * world)
+    # ------------------------------------------------------------------------------------------
+    # The pipeline.
 
-    def _build(self, order: np.ndarray, epoch: int):
-        pipe = _pipeline(
-            [self.paths[i] for i in order],
-            [int(i) for i in order],
-            self.shard,
+    def _build(self) -> None:
+        self._pipe = _pipeline(
             self.train,
             self.gpu,
             self.d,
+            self.settings,
             self.channels_last,
             batch_size=self.batch,
-            num_threads=self.d.dali_threads,
+            num_threads=self.settings.threads,
             device_id=self._device_id(),
-            seed=_dali_seed(self.seed, epoch if self.train else 0, self.shard.rank),
-            prefetch_queue_depth=PREFETCH,
+            seed=0,  # no random operator in the graph: the host draws every augmentation
+            prefetch_queue_depth=1,  # the loader schedules its own look-ahead (module docstring)
+            exec_dynamic=True,  # outputs stay valid while referenced: zero-copy hand-over
         )
-        pipe.build()
-        meta = pipe.reader_meta(READER)
-        # The layout above relies on DALI cutting the list into world equal, batch-aligned shards.
-        assert meta["epoch_size"] == len(order) and len(order) == self.per_rank * self.shard.world, meta
-        return pipe
+        self._pipe.build()
+        self.builds += 1
+        self._queue.clear()
+        self._next = None
 
     def _device_id(self) -> int | None:
         if not self.gpu:
             return None  # CPU-only pipeline
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
-    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        if start_step >= self.steps_per_epoch:
-            return
-        order = self.epoch_order(epoch)
-        mine = order[self.shard.rank * self.per_rank : (self.shard.rank + 1) * self.per_rank]
-        pipe = self._build(order, epoch)
-        stream = torch.cuda.current_stream(self.device) if self.gpu else None
-        try:
-            for step in range(self.steps_per_epoch):
-                try:
-                    images, pos = pipe.run(stream)
-                except RuntimeError as e:
-                    raise self._data_error(e, mine, step, epoch) from None
-                if step < start_step:
-                    continue  # resume: the same random draws as an uninterrupted epoch
-                yield self._to_batch(
-                    images, pos, stream, real=min(self.batch, self.per_rank - step * self.batch)
-                )
-        finally:
-            del pipe
+    # ------------------------------------------------------------------------------------------
+    # Plans and per-sample parameters.
 
-    def _to_batch(self, images, pos, stream, real: int) -> Batch:
-        images, pos = images.as_tensor(), pos.as_tensor()
-        out = torch.empty(images.shape(), dtype=torch.float32, device=self.device)
-        index = torch.empty(pos.shape(), dtype=torch.int32, device=self.device)
-        # On the GPU the copies are queued on torch's current stream after DALI's work: no host sync.
-        feed_ndarray(images, out, cuda_stream=stream)
-        feed_ndarray(pos, index, cuda_stream=stream)
+    def _positions(self, key: tuple[int, int]) -> np.ndarray:
+        epoch, step = key
+        if not self.train:
+            return self._eval_plan[step]
+        if epoch not in self._train_plans:
+            if len(self._train_plans) > 2:  # at most this epoch and the next are being fed
+                self._train_plans.pop(min(self._train_plans))
+            self._train_plans[epoch] = train_plan(self.n, self.batch, self.shard, self.seed, epoch)
+        return self._train_plans[epoch][step]
+
+    def _after(self, key: tuple[int, int]) -> tuple[int, int] | None:
+        """The batch the consumer asks for after ``key``: the next step, or the next epoch's first
+        (training only, and not past ``epochs``)."""
+        epoch, step = key
+        if step + 1 < self.steps_per_epoch:
+            return epoch, step + 1
+        if self.train and (self.epochs is None or epoch + 1 < self.epochs):
+            return epoch + 1, 0
+        return None
+
+    def train_params(self, key: tuple[int, int], positions: np.ndarray) -> dict[str, np.ndarray]:
+        """The pipeline inputs that augment a training batch: crop windows, flips, angles."""
+        epoch, step = key
+        # The slot of a sample in the epoch, as the torch backend numbers it (TorchLoader._plan): a
+        # sample drawn twice (wrap padding) gets two augmentations.
+        slots = positions.astype(np.int64) + np.int64(self.n) * (
+            step * self.batch + np.arange(len(positions))
+        )
+        p = augment_params(
+            self.sizes[positions], sample_seeds(self.seed, epoch, self.shard.rank, slots), self.d
+        )
+        params = {ANCHOR: np.stack([p.left, p.top], 1), SHAPE: np.stack([p.width, p.height], 1)}
+        if self.d.hflip:
+            params[HFLIP] = p.hflip.astype(np.int32)
+        if self.d.vflip:
+            params[VFLIP] = p.vflip.astype(np.int32)
+        if self.d.rot90:
+            params[ANGLE] = (90.0 * p.quarter_turns).astype(np.float32)
+        return params
+
+    # ------------------------------------------------------------------------------------------
+    # Feeding and taking.
+
+    def _schedule(self, key: tuple[int, int]) -> None:
+        positions = self._positions(key)
+        pipe = self._pipe
+        pipe.feed_input(NAMES, self._names[positions])
+        if self.train:
+            for name, value in self.train_params(key, positions).items():
+                pipe.feed_input(name, value)
+        pipe.schedule_run()
+        self.decoded += 1
+        self._queue.append(_Scheduled(key, positions))
+
+    def _outputs(self, stream):
+        try:
+            return self._pipe.outputs(stream)
+        except RuntimeError as e:
+            # The pipeline is unusable after a failure: the next use builds a new one.
+            in_flight = [item.positions for item in self._queue]
+            self._pipe = None
+            self._queue.clear()
+            raise self._data_error(e, in_flight) from None
+
+    def _take(self, key: tuple[int, int], stream) -> tuple[object, _Scheduled]:
+        """The pipeline output of batch ``key``, after scheduling the look-ahead behind it."""
+        if self._pipe is None:
+            self._build()
+        if self._queue and self._queue[0].key != key:
+            # Not the batch the queue expected (resume elsewhere, an epoch left early): the queued
+            # batches are taken out unused. DALI runs iterations in order, so this waits for them.
+            for _ in range(len(self._queue)):
+                self._outputs(None)
+                self._queue.popleft()
+                self.wasted += 1
+        if not self._queue:
+            self._next = key
+        while len(self._queue) <= self.settings.prefetch and self._next is not None:
+            self._schedule(self._next)
+            self._next = self._after(self._next)
+        item = self._queue[0]
+        out = self._outputs(stream)[0]
+        self._queue.popleft()
+        return out, item
+
+    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        stream = torch.cuda.current_stream(self.device) if self.gpu else None
+        for step in range(start_step, self.steps_per_epoch):
+            images, item = self._take((epoch, step), stream)
+            yield self._to_batch(images, item.positions)
+
+    def _to_batch(self, images, positions: np.ndarray) -> Batch:
+        tensor = images.as_tensor()
+        if self.gpu:
+            with torch.cuda.device(self.device):
+                out = torch.from_dlpack(tensor)  # DALI's buffer, ready on torch's current stream
+        else:
+            out = torch.from_dlpack(tensor)
         if self.channels_last:
             out = out.permute(0, 3, 1, 2)  # NHWC storage = NCHW in channels_last memory format
-        index = index.view(-1).long()
-        # Eval only: the rows pad_last_batch added after the shard's last sample.
-        out, index = out[:real], index[:real]
+        index = torch.from_numpy(np.asarray(positions, dtype=np.int64))
+        if self.gpu:
+            index = index.pin_memory().to(self.device, non_blocking=True)  # no host sync
         return Batch(images=out, labels=self.labels[index], index=index)
 
-    def _data_error(self, err: RuntimeError, mine: np.ndarray, step: int, epoch: int) -> Exception:
-        """A UserError naming the file behind DALI's failure, or the original error (a bug)."""
+    def _data_error(self, err: RuntimeError, in_flight: list[np.ndarray]) -> Exception:
+        """A UserError naming the file behind DALI's failure, or the original error (a bug). DALI's
+        message names no file (measured with DALI 2.4.0), so the files of the batches in flight, the
+        failing one among them, are decoded with torchvision."""
         from .torch_backend import decode_rgb
 
-        msg = str(err)
-        # The failure may be in a batch decoded ahead of this one; check those first, then the rest.
-        ahead = mine[step * self.batch : (step + PREFETCH + 1) * self.batch]
-        candidates = list(dict.fromkeys([*ahead.tolist(), *mine.tolist()]))
+        candidates = dict.fromkeys(int(p) for positions in in_flight for p in positions)
         for i in candidates:
-            if self.paths[i] in msg:
-                line = next(ln for ln in msg.splitlines() if self.paths[i] in ln)
-                return UserError(f"{self.paths[i]}: DALI cannot read this image ({line.strip()})")
+            if self.paths[i] in str(err):
+                return UserError(f"{self.paths[i]}: DALI cannot read this image ({str(err).strip()})")
         for i in candidates:
             try:
                 decode_rgb(self.index.paths[i])
             except UserError as bad:
-                return UserError(f"DALI pipeline failed in epoch {epoch}, step {step}: {bad}")
+                return UserError(f"DALI pipeline failed: {bad}")
         return err

@@ -167,11 +167,14 @@ def test_synthetic_follows_the_torch_plan(index):
 def test_dali_corrupt_jpeg_is_a_user_error_naming_the_file(index, tmp_path, train):
     sub = copy_split(index, tmp_path, index.names[:12])
     bad = sub.paths[7]
-    head = bad.read_bytes()[:600]  # a valid start, then noise
-    bad.write_bytes(head + np.random.default_rng(0).bytes(3000))
-    loader = dali_loader(sub, cfg(), Shard(0, 1), CPU, train, 0)
+    data = bad.read_bytes()
+    bad.write_bytes(data[: data.index(b"\xff\xda")])  # a readable header, then no scan
+    loader = dali_loader(sub, cfg(), Shard(0, 1), CPU, train, 0)  # the header reads: built
     with pytest.raises(UserError, match=str(bad)):
         list(loader.iter_epoch(0))
+    bad.write_bytes(data[:300])  # no readable header: refused when the loader is built
+    with pytest.raises(UserError, match=str(bad)):
+        dali_loader(sub, cfg(), Shard(0, 1), CPU, train, 0)
 
 
 def test_missing_file_is_a_user_error_naming_the_file(index, tmp_path):

@@ -120,8 +120,8 @@ def test_shuffle_is_seeded_per_epoch(index, backend):
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("world", [2, 3])
 def test_dali_shards_are_the_torch_plan(index, train, world):
-    """The DALI reader is given a file list whose equal shards are the torch backend's per-rank plans,
-    so both backends yield the same indices in the same order on every rank."""
+    """The DALI pipeline is fed the torch backend's per-rank plan batch by batch, so both backends
+    yield the same indices in the same order on every rank."""
     for r in range(world):
         dali = make("dali", index, Shard(r, world), train)
         ref = make("torch", index, Shard(r, world), train)
@@ -143,7 +143,7 @@ def test_start_step_gives_the_tail_of_the_epoch(index, backend, train):
     assert len(tail) == ld.steps_per_epoch - k
     for a, b in zip(full[k:], tail):
         assert torch.equal(a.index, b.index) and torch.equal(a.labels, b.labels)
-        # torch and gpu_cache seed augmentation per sample/step; DALI replays the skipped steps, so
-        # its augmentations are the same as well.
+        # torch and DALI seed augmentation per sample slot, gpu_cache per step: a resumed epoch
+        # has the same augmentations without decoding the skipped steps.
         assert torch.equal(a.images, b.images)
     assert list(ld.iter_epoch(1, start_step=ld.steps_per_epoch)) == []
