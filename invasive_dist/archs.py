@@ -32,15 +32,13 @@ class InputLimits:
 _CONVNEXT = InputLimits(32, why="its last 2x2/2 downsampling needs a 2x2 map, 1/16 of the input")
 _DENSENET = InputLimits(29, why="its last transition's 2x2 average pool needs a 2x2 map")
 _VGG = InputLimits(32, why="five 2x2/2 max-pools halve 32 px down to 1")
-_VIT = InputLimits(
-    exact_side=224, why="its position embeddings are fixed at build for 14x14 patches of 16 px"
-)
+_VIT = InputLimits(exact_side=224, why="its position embeddings are fixed at build for one input size")
 
 INPUT_LIMITS: dict[str, InputLimits] = {
     "alexnet": InputLimits(63, why="its third 3x3/2 max-pool needs a 3x3 map"),
     **{f"convnext_{s}": _CONVNEXT for s in ("tiny", "small", "base", "large")},
     **{f"densenet{d}": _DENSENET for d in (121, 161, 169, 201)},
-    "inception_v3": InputLimits(75, why="its stem's 3x3/2 max-pools need a 3x3 map"),
+    "inception_v3": InputLimits(75, why="its Mixed_7a 3x3/2 reduction needs a 3x3 map"),
     "maxvit_t": InputLimits(
         exact_side=224, why="its 7x7 window and grid partitions are fixed at build for 224 px"
     ),

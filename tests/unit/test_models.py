@@ -159,3 +159,13 @@ def test_input_size_rules_for_height_width_and_weights():
     assert input_size_problem("inception_v3", [75, 400]) is None
     assert "takes only 518x518" in input_size_problem("vit_h_14", 224, weights="imagenet")
     assert input_size_problem("vit_h_14", 224) is None
+
+
+def test_train_refuses_too_small_input_before_any_work(tmp_path, capsys):
+    from invasive_dist.cli import main
+
+    args = ["train", "model.arch=inception_v3", "model.aux_loss_weight=0.4", "data.image_size=96"]
+    assert main([*args, f"data.root={tmp_path / 'nowhere'}", f"output.root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.image_size=96 is too small for model.arch=inception_v3" in err and "299" in err
+    assert not any(tmp_path.iterdir())  # no run directory, nothing read
