@@ -10,6 +10,9 @@ each of its training steps would cost ~10 s on CPU.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -19,7 +22,8 @@ from invasive_dist import bench
 from invasive_dist.cli import main
 from invasive_dist.metrics import read_metrics
 
-from ..conftest import FAST_TRAIN
+from ..conftest import FAST_TRAIN, ROOT
+from ..procs import clean_env, kill_tree
 
 pytestmark = pytest.mark.slow
 
@@ -63,3 +67,31 @@ def test_bench_runs_inception(tiny_data, tmp_path):
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["settings"]["arch"] == "inception_v3"
     assert result["model_img_per_s"] > 0 and result["rows"][0]["e2e_img_per_s"] > 0
+
+
+def test_aux_heads_train_under_ddp_with_two_torchrun_processes(tiny_data, tmp_path):
+    """DDP fails on a parameter without a gradient and must carry the (main, aux1, aux2) outputs
+    through its forward: two ranks with GoogLeNet's two heads, real torchrun and gloo."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "invasive_dist", "train", *FAST_TRAIN]
+    cmd += [*CASES["googlenet-aux"], "data.batch_size=4", "train.max_steps=2", f"data.root={tiny_data}"]
+    cmd += [f"output.root={tmp_path}", "output.name=run"]
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            cwd=ROOT,
+            env=clean_env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            rc = proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            pytest.fail(f"torchrun still running after 300 s:\n{log.read_text()[-3000:]}")
+    assert rc == 0, log.read_text()[-3000:]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["global_step"] == 2 and state["world_size"] == 2
+    assert state["model"]["aux2.fc2.weight"].shape == (1, 1024)
