@@ -169,3 +169,22 @@ def test_train_refuses_too_small_input_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "data.image_size=96 is too small for model.arch=inception_v3" in err and "299" in err
     assert not any(tmp_path.iterdir())  # no run directory, nothing read
+
+
+@pytest.mark.parametrize(
+    "arch, weight, aux_last",
+    [("inception_v3", 0.0, None), ("inception_v3", 0.4, "AuxLogits.fc"), ("googlenet", 0.3, "aux1.fc2")],
+)
+def test_imagenet_weights_with_and_without_aux_heads(monkeypatch, arch, weight, aux_last):
+    """torchvision's builders refuse aux_logits=False together with weights: the heads are loaded,
+    then removed or given a one-logit layer. The download is replaced by a 1000-class state dict."""
+    ref = torchvision.models.get_model(arch, weights=None, aux_logits=True, init_weights=False)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", lambda *a, **k: ref.state_dict())
+    m = build_model(ModelConfig(arch=arch, weights="imagenet", aux_loss_weight=weight))
+    first_conv = next(n for n, p in m.named_parameters() if p.ndim == 4)
+    assert torch.equal(m.get_parameter(first_conv), ref.get_parameter(first_conv))
+    assert m.fc.out_features == 1 and m.aux_logits == (aux_last is not None)
+    if aux_last:
+        assert m.get_submodule(aux_last).out_features == 1
+    else:
+        assert m.AuxLogits is None
