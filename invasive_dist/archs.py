@@ -69,11 +69,15 @@ REFUSED: dict[str, str] = {
 }
 
 
-def _sides(image_size: int | Sequence[int]) -> tuple[int, int]:
+def _sides(image_size: int | Sequence[int]) -> tuple[int, int] | None:
+    """(height, width), or None for a malformed value (config.validate reports that one itself)."""
     if isinstance(image_size, int):
         return image_size, image_size
-    h, w = image_size
-    return int(h), int(w)
+    try:
+        h, w = image_size
+        return int(h), int(w)
+    except (TypeError, ValueError):
+        return None
 
 
 def input_size_problem(
@@ -83,6 +87,8 @@ def input_size_problem(
     or ``[height, width]``; ``aux``: the auxiliary heads are kept (``model.aux_loss_weight > 0``)."""
     limits = INPUT_LIMITS.get(arch, InputLimits())
     sides = _sides(image_size)
+    if sides is None:
+        return None
     exact = IMAGENET_EXACT_SIDE.get(arch, 0) if weights == "imagenet" else 0
     exact = exact or limits.exact_side
     if exact:
