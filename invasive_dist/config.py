@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .archs import model_problems
 from .errors import UserError
 
 
@@ -56,6 +57,7 @@ class ModelConfig:
     arch: str = "resnet18"  # any torchvision classification model name (resnet18 ... resnet152, ...)
     weights: str | None = None  # None, "imagenet" (torchvision weights API) or a state-dict file
     channels_last: bool = True  # NHWC memory format on GPU (ignored on CPU)
+    aux_loss_weight: float = 0.0  # inception_v3/googlenet: weight of each aux head's loss (0 = heads off)
 
 
 @dataclass
@@ -329,6 +331,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         problems.append(f"optim.betas={cfg.optim.betas} must have two values")
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).exists():
         problems.append(f"resume={cfg.resume!r}: no such checkpoint (use '', 'auto' or a path)")
+    m = cfg.model
+    problems += model_problems(m.arch, d.image_size, m.aux_loss_weight, m.weights)
     if problems:
         raise UserError(f"{source}: " + "; ".join(problems))
 

@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
@@ -51,6 +50,7 @@ from .errors import Preempted, UserError
 from .evaluation import EvalResult, score
 from .faults import Faults
 from .metrics import MetricsWriter, StepTimer, max_memory_bytes
+from .models import binary_loss
 from .optim import Optimization, build_optimization
 from .profiling import ProfilerWindow
 
@@ -417,8 +417,7 @@ class Trainer:
                 if self.mixer is not None:
                     images, target = self.mixer(images, target, self.global_step * accum + micro)
                 with record_function("forward"), acc.autocast():
-                    logits = model(images).float().squeeze(1)
-                    loss = F.binary_cross_entropy_with_logits(logits, target)
+                    loss = binary_loss(model(images), target, cfg.model.aux_loss_weight)
                     if self.faults:
                         loss = loss * self.faults.loss_factor(self.global_step + 1)
                 with record_function("backward"):
