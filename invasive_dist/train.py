@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, refuse_mixed_run
 from .config import Config, save_config, to_dict
 from .data import Shard, build_loader
 from .data.kaggle import DataIndex, pseudo_index, split, train_index
@@ -48,6 +48,7 @@ from .faults import Faults
 from .metrics import MetricsWriter, StepTimer, max_memory_bytes, roc_auc
 from .models import build_model, head_name
 from .profiling import ProfilerWindow
+from .progress import ETA, track
 
 
 class Preempted(Exception):
@@ -445,7 +446,8 @@ class Trainer:
         was_training = model.training
         model.eval()
         idx, logits, labels = [], [], []
-        for batch in loader.iter_epoch(0):
+        batches = track(loader.iter_epoch(0), "validation", loader.steps_per_epoch, "batch", self.is_main)
+        for batch in batches:
             with self.acc.autocast():
                 out = model(batch.images).float().squeeze(1)
             idx.append(batch.index)
@@ -457,13 +459,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg = self.cfg
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
         resume = cfg.resume
         if not resume and (self.world.restart_count or self.world.slurm_restart_count):
             # torchrun --max-restarts restarted the workers, or Slurm requeued the job: carry on.
             resume = "auto"
+        refuse_mixed_run(self.run_dir, resume, self.acc)  # one run per directory
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
         state = self.ckpt.load(resume)
         if state is not None:
             self.load_state_dict(state)
@@ -471,6 +474,8 @@ class Trainer:
                 f"resumed from {self.ckpt.resolve(resume)} at epoch {self.epoch} step {self.global_step}"
             )
         self._stop = _StopFlag(self.shard.world, cfg.dist.timeout_s)
+        total_steps = cfg.train.epochs * self.steps_per_epoch
+        self._run_eta = ETA(min(total_steps, cfg.train.max_steps or total_steps), self.global_step)
         writer = None
         if self.is_main:
             # After a resume, drop what was logged past the checkpoint: those steps are redone.
@@ -479,7 +484,7 @@ class Trainer:
             )
         self.log(
             f"global batch {self.global_batch} = {cfg.data.batch_size} per device x {self.shard.world} "
-            f"processes x {cfg.train.grad_accum} accumulation; peak lr {self.peak_lr:g}; "
+            f"process{'es' if self.shard.world != 1 else ''} x {cfg.train.grad_accum} accumulation; peak lr {self.peak_lr:g}; "
             f"{self.steps_per_epoch} steps/epoch; train {len(self.train_idx)} val {len(self.val_idx)} images; "
             f"device {self.device}; backend {cfg.data.backend}; precision {cfg.train.mixed_precision}"
         )
@@ -512,7 +517,8 @@ class Trainer:
                     self.history.append({"epoch": self.epoch, **val})
                     self.log(
                         f"epoch {self.epoch}/{cfg.train.epochs}: val/auc {val['val/auc']:.4f} "
-                        f"val/loss {val['val/loss']:.4f} (n={val['val/n']}) in {val['perf/epoch_time_s']:.1f}s"
+                        f"val/loss {val['val/loss']:.4f} (n={val['val/n']}) in {val['perf/epoch_time_s']:.1f}s; "
+                        f"{time.strftime('%H:%M:%S')} ETA run {self._run_eta.line(self.global_step)}"
                     )
                     self.save(is_best=is_best)
                     if self._max_steps_reached():
@@ -580,6 +586,7 @@ class Trainer:
         self.model.train()
         it = iter(self.train_loader.iter_epoch(self.epoch, start_step=self.step_in_epoch * accum))
         timer = StepTimer()
+        self._epoch_eta = ETA(self.steps_per_epoch, self.step_in_epoch)
 
         def next_batch():
             timer.data_start()
@@ -653,5 +660,6 @@ class Trainer:
         self.log(
             f"epoch {self.epoch + 1} step {self.step_in_epoch}/{self.steps_per_epoch} (global {self.global_step}): "
             f"loss {loss:.4f} lr {metrics['train/lr']:.3g} {perf['perf/img_per_s']:.1f} img/s "
-            f"data-wait {100 * perf['perf/data_wait_frac']:.0f}%"
+            f"data-wait {100 * perf['perf/data_wait_frac']:.0f}% | {time.strftime('%H:%M:%S')} "
+            f"ETA epoch {self._epoch_eta.line(self.step_in_epoch)} run {self._run_eta.line(self.global_step)}"
         )

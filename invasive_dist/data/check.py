@@ -55,6 +55,7 @@ from typing import Any, Literal
 from PIL import Image, ImageFile
 
 from ..errors import UserError
+from ..progress import track
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
@@ -526,7 +527,7 @@ def check_data(
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with ThreadPoolExecutor(max_workers=max(1, n_threads)) as pool:
-            results = list(pool.map(run, jobs))
+            results = list(track(pool.map(run, jobs), "data check", total=len(jobs), unit="img"))
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
     for (_, name, prefix), found in zip(jobs, results):
