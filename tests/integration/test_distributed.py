@@ -467,11 +467,11 @@ def test_train_sh_names_the_wrong_argument(tmp_path, args, message):
 
 def test_predict_sh_checks_its_arguments(tmp_path):
     rc, out = sh("--data", str(tmp_path), script=ROOT / "launch" / "predict.sh")
-    assert rc == 2 and "missing --run RUN_DIR" in out, out
+    assert rc == 2 and "missing --run-dir RUN_DIR" in out, out
     rc, out = sh(
         "--run", str(tmp_path / "nope"), "--data", str(tmp_path), script=ROOT / "launch" / "predict.sh"
     )
-    assert rc == 2 and "--run '" in out and "is not a directory" in out, out
+    assert rc == 2 and "--run-dir '" in out and "is not a directory" in out, out
 
 
 @pytest.mark.slow  # asks `python -m invasive_dist predict --help` (which imports torch) what it accepts
