@@ -126,11 +126,16 @@ def _accelerator(cfg):
 
 
 def cmd_train(args) -> int:
+    from .checkpoint import refuse_mixed_run
     from .config import load_config
     from .train import Trainer
 
     cfg = load_config(args.config, args.overrides)
     acc, world = _accelerator(cfg)
+    # Refuse a second run into a run's folder before the data check and the model build (the
+    # Trainer checks again); a restarted worker or requeued job resumes, as Trainer.fit does.
+    restarted = world.restart_count or world.slurm_restart_count
+    refuse_mixed_run(cfg.run_dir, cfg.resume or ("auto" if restarted else ""), acc)
     trainer = Trainer(cfg, acc, world)
     result = trainer.fit()
     if acc.is_main_process:

@@ -173,7 +173,7 @@ def substitute(argv: list[str], data: Path) -> list[str]:
 
 def newest_step(arg: str, cwd: Path) -> str:
     """``resume=runs/demo/checkpoints/step-00001200.pt``: the step file this run has."""
-    m = re.search(r"(\S*/)step-\d{8}\.pt", arg)
+    m = re.search(r"([^=\s]*/)step-\d{8}\.pt", arg)
     if not m:
         return arg
     steps = sorted((cwd / m.group(1)).glob("step-*.pt"))
@@ -299,9 +299,12 @@ def _predicts_existing_run(args: list[str], cwd: Path) -> bool:
     return args[:1] == ["predict"] and (cwd / args[args.index("--run-dir") + 1]).is_dir()
 
 
-def _workdir(tmp_path: Path) -> Path:
+def _workdir(tmp_path: Path, data: Path) -> Path:
+    """A checkout as `make demo` leaves it: the code, and the demo data at data/synthetic."""
     for name in ("configs", "launch", "slurm", "invasive_dist"):
         (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic").symlink_to(data)
     return tmp_path
 
 
@@ -322,7 +325,7 @@ def _run(cmd: Command, argv: list[str], cwd: Path) -> tuple[int, str]:
 @pytest.mark.parametrize("page", PAGES)
 def test_doc_commands_run(page, tiny_data, tmp_path):
     """Execute what runs on one CPU, in the page's order (see the module docstring)."""
-    cwd = _workdir(tmp_path)
+    cwd = _workdir(tmp_path, tiny_data)
     py = sys.executable
     ran = 0
     for cmd in commands(page):
