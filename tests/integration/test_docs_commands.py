@@ -273,25 +273,46 @@ def test_every_page_has_commands():
         assert len(commands(page)) >= 2, page
 
 
+def parse(cmd: Command, data: Path) -> None:
+    """Parse ``cmd`` the way its program will (nothing is run); AssertionError naming it if rejected."""
+    k = kind(cmd)
+    argv = substitute(cmd.argv, data)
+    try:
+        if k == "cli":
+            parse_cli(cli_args(argv))
+        elif k == "launcher":
+            parse_cli(launcher_script_args(argv))
+        elif k == "sbatch":
+            parse_sbatch(cmd.argv, data)
+        elif k == "make":
+            subprocess.run(["make", "-n", "-C", str(ROOT), *argv[1:]], check=True, capture_output=True)
+    except SystemExit as e:
+        raise AssertionError(f"{cmd}: rejected by its parser (exit {e.code})") from None
+    except Exception as e:
+        raise AssertionError(f"{cmd}: {type(e).__name__}: {e}") from None
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_doc_commands_parse(page, tiny_data):
     """Every command's flags and config keys are accepted (fast: nothing is trained)."""
     for cmd in commands(page):
-        k = kind(cmd)
-        argv = substitute(cmd.argv, tiny_data)
-        try:
-            if k == "cli":
-                parse_cli(cli_args(argv))
-            elif k == "launcher":
-                parse_cli(launcher_script_args(argv))
-            elif k == "sbatch":
-                parse_sbatch(cmd.argv, tiny_data)
-            elif k == "make":
-                subprocess.run(["make", "-n", "-C", str(ROOT), *argv[1:]], check=True, capture_output=True)
-        except SystemExit as e:
-            raise AssertionError(f"{cmd}: rejected by its parser (exit {e.code})") from None
-        except Exception as e:
-            raise AssertionError(f"{cmd}: {type(e).__name__}: {e}") from None
+        parse(cmd, tiny_data)
+
+
+CONFIG_HEADER_CMD = re.compile(r"^#\s+((?:invasive-dist|torchrun|accelerate launch|sbatch) .*?)(?:\s+#.*)?$")
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_config_header_commands_parse(config, tiny_data):
+    """The commands a config's header comment shows (``#   invasive-dist cv --config ...``) parse."""
+    found = 0
+    for i, line in enumerate((ROOT / "configs" / config).read_text().splitlines(), start=1):
+        m = CONFIG_HEADER_CMD.match(line)
+        if m:
+            argv = shlex.split(m.group(1))
+            parse(Command(f"configs/{config}", i, m.group(1), argv), tiny_data)
+            found += 1
+    assert found, f"configs/{config}: its header shows no command"
 
 
 def _predicts_existing_run(args: list[str], cwd: Path) -> bool:
