@@ -211,6 +211,14 @@ def cmd_report(args) -> int:
 
     run = Path(args.run)
     rows = read_metrics(run)
+    # A folder written before runs refused to mix may hold several runs: summarise the last one.
+    starts = [i for i in range(1, len(rows)) if rows[i].get("step", 0) < rows[i - 1].get("step", 0)]
+    if starts:
+        print(
+            f"note: {run}/metrics.jsonl holds {len(starts) + 1} runs (the step count restarts at line "
+            f"{starts[-1] + 1}); this summarises the last one"
+        )
+        rows = rows[starts[-1] :]
     val = [r for r in rows if "val/auc" in r]
     if not val:
         raise UserError(f"{run}/metrics.jsonl has no validation results: is {run} a finished training run?")

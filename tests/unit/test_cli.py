@@ -107,3 +107,20 @@ def test_second_fresh_run_refuses_and_finished_run_says_complete(tmp_path, tiny_
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == metrics  # nothing was appended
     assert main([*args, "resume=auto"]) == 0
     assert "is already complete (1/1 epochs)" in capsys.readouterr().out
+
+
+def test_report_summarises_one_run_of_a_mixed_folder(tmp_path, capsys):
+    """A folder two runs wrote before runs refused to mix: the last run's figures, with a note."""
+    import json
+
+    rows = [
+        {"step": 4, "epoch": 1, "val/auc": 0.9, "val/n": 16},
+        {"step": 8, "epoch": 2, "val/auc": 0.95, "val/n": 16},
+        {"step": 4, "epoch": 1, "val/auc": 0.7, "val/n": 16},
+        {"step": 8, "epoch": 2, "val/auc": 0.8, "val/n": 16},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", "--run-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "holds 2 runs (the step count restarts at line 3)" in out
+    assert "val/auc        0.8000 (best, epoch 2; last 0.8000)" in out
