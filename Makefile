@@ -27,8 +27,8 @@ $(DEMO_DATA)/train_labels.csv: | $(STAMP)
 demo: $(STAMP) $(DEMO_DATA)/train_labels.csv
 	$(PY) -m invasive_dist check-data --data $(DEMO_DATA)
 	$(PY) -m invasive_dist train --config configs/demo.yaml data.root=$(DEMO_DATA) resume=auto
-	$(PY) -m invasive_dist predict --run runs/demo --data $(DEMO_DATA)
-	$(PY) -m invasive_dist report --run runs/demo
+	$(PY) -m invasive_dist predict --run-dir runs/demo --data $(DEMO_DATA)
+	$(PY) -m invasive_dist report --run-dir runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -177,8 +177,8 @@ def add_subcommand(subparsers) -> None:
         "analyze", help="ROC curve, confusion matrix and worst images of a run or CV dir"
     )
     s.add_argument(
+        "--run-dir",  # first: torchrun's parser rejects --run (its --run-path)
         "--run",
-        "--run-dir",
         dest="run",
         required=True,
         help="a training run or a CV directory (invasive-dist cv)",

@@ -49,7 +49,8 @@ class BatchPlan:
 
     def describe(self) -> str:
         return (
-            f"global batch {self.global_batch} = {self.per_device} per device x {self.world} processes x "
+            f"global batch {self.global_batch} = {self.per_device} per device x {self.world} "
+            f"process{'es' if self.world != 1 else ''} x "
             f"{self.accum} accumulation" + (f" ({self.reason})" if self.reason else "")
         )
 

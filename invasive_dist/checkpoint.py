@@ -9,6 +9,11 @@ newest step file), ``best.pt``. Every file is written to a temp name, fsynced, t
 crash in the middle of a write leaves the previous checkpoint intact and a partial file is never
 picked up (temp files are ignored and cleaned). Loading uses ``weights_only=True``: the state may
 hold only tensors, containers and plain Python values.
+
+One run per directory: a fresh run (``resume=''``) into a folder that already holds a run's
+checkpoints, metrics or TensorBoard events refuses to start (:func:`refuse_mixed_run`) and offers
+``resume=auto`` or a new ``output.name``, the way ``git clone`` refuses a non-empty folder; otherwise
+the second run's steps 1..N would follow the first's in ``metrics.jsonl`` and ``tb/``.
 """
 
 from __future__ import annotations
@@ -69,6 +74,57 @@ def load_checkpoint(path: Path) -> dict:
             f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); it may be "
             "truncated or from another program; delete it to fall back to an older one"
         ) from None
+
+
+def run_outputs(run_dir: Path) -> list[str]:
+    """The files in ``run_dir`` that show a training run has written there (relative names)."""
+    run_dir = Path(run_dir)
+    found = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    ckpt = run_dir / "checkpoints"
+    if ckpt.is_dir():
+        found += sorted(f"checkpoints/{p.name}" for p in ckpt.iterdir() if p.suffix == ".pt")[:3]
+    tb = run_dir / "tb"
+    if tb.is_dir() and any(p.name.startswith("events.") for p in tb.iterdir()):
+        found.append("tb/")
+    return found
+
+
+def _free_name(run_dir: Path) -> str:
+    for k in range(2, 1000):
+        candidate = run_dir.with_name(f"{run_dir.name}-{k}")
+        if not candidate.exists():
+            return candidate.name
+    return f"{run_dir.name}-new"
+
+
+def mixed_run_problem(run_dir: Path, resume: str) -> str:
+    """'' when a run may start in ``run_dir`` with ``resume``, else what to do instead."""
+    if resume:
+        return ""  # continuing (auto) or starting from a named checkpoint: the user chose this folder
+    found = run_outputs(run_dir)
+    if not found:
+        return ""
+    return (
+        f"{run_dir} already holds a run ({', '.join(found)}); a fresh run there would mix with it. "
+        f"Continue that run with resume=auto, start a new one with output.name={_free_name(run_dir)}, "
+        f"or delete {run_dir}"
+    )
+
+
+def refuse_mixed_run(run_dir: Path, resume: str, accelerator=None) -> None:
+    """Raise UserError on every rank when the main process finds another run in ``run_dir``.
+
+    The main process decides and broadcasts, so ranks agree even while it creates the run's files."""
+    problem = [mixed_run_problem(run_dir, resume)]
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(problem, from_process=0)
+    if problem[0]:
+        raise UserError(problem[0])
 
 
 class Checkpointer:

@@ -4,20 +4,66 @@
     invasive-dist check-data --data data/synthetic
     invasive-dist eda --data data/synthetic --out runs/eda
     invasive-dist train --config configs/demo.yaml train.epochs=3 model.arch=resnet34
-    invasive-dist predict --run runs/demo --data data/synthetic
+    invasive-dist predict --run-dir runs/demo --data data/synthetic
+    invasive-dist config --config configs/demo.yaml optim.lr=1e-3   # the resolved config, commented
 
-``train`` and ``predict`` run unchanged under python, torchrun, accelerate launch and Slurm.
+``train`` and ``predict`` run unchanged under python, torchrun, accelerate launch and Slurm. The run
+directory is ``--run-dir`` everywhere: torchrun's own parser reads every argument and rejects ``--run``
+as an ambiguous abbreviation of its ``--run-path`` (``--run`` still works without a launcher).
 User errors print one message and exit 2; a run stopped by SIGTERM/SIGUSR1 saves and exits 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
+
+# Shown under each command's --help.
+EXAMPLES = {
+    "synth": "invasive-dist synth --out data/synthetic --n-train 300 --n-test 100 --size 384x288",
+    "check-data": "invasive-dist check-data --data data/synthetic",
+    "eda": "invasive-dist eda --data data/synthetic --out runs/eda",
+    "train": "invasive-dist train --config configs/demo.yaml train.epochs=3 optim.lr=1e-3\n"
+    "  torchrun --standalone --nproc_per_node=8 -m invasive_dist train --config configs/resnet50_kaggle.yaml",
+    "predict": "invasive-dist predict --run-dir runs/demo --data data/synthetic predict.tta=dihedral\n"
+    "  torchrun --standalone --nproc_per_node=8 -m invasive_dist predict --run-dir runs/demo --data DATA",
+    "config": "invasive-dist config --config configs/demo.yaml train.epochs=3",
+    "cv": "invasive-dist cv --config configs/resnet50_kaggle.yaml data.root=DATA\n"
+    "  invasive-dist cv --collect --run-dir runs/resnet50_kaggle",
+    "analyze": "invasive-dist analyze --run-dir runs/demo --threshold youden",
+    "bench": "invasive-dist bench --config configs/demo.yaml --backend torch --steps 10",
+    "report": "invasive-dist report --run-dir runs/demo",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; each option's default shown unless its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and default is not None
+            and default is not False
+            and default != argparse.SUPPRESS
+            and "default" not in text
+        ):
+            shown = "x".join(map(str, default)) if isinstance(default, tuple) else default
+            text += f" (default: {shown})"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -45,10 +91,20 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def _data_dir(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise UserError(
+            f"--data {text}: the folder {what} (a data folder holds train/, test/ and train_labels.csv)"
+        )
+    return path
+
+
 def cmd_check_data(args) -> int:
     from .data.check import check_data
 
-    report = check_data(Path(args.data), args.labels_csv)
+    report = check_data(_data_dir(args.data), args.labels_csv)
     print(report.format())
     return 0 if report.ok else 1
 
@@ -56,7 +112,7 @@ def cmd_check_data(args) -> int:
 def cmd_eda(args) -> int:
     from .eda import run_eda
 
-    summary = run_eda(Path(args.data), Path(args.out), labels_csv=args.labels_csv)
+    summary = run_eda(_data_dir(args.data), Path(args.out), labels_csv=args.labels_csv)
     print(json.dumps(summary, indent=2))
     print(f"EDA written to {args.out}")
     return 0
@@ -70,16 +126,47 @@ def _accelerator(cfg):
 
 
 def cmd_train(args) -> int:
+    from .checkpoint import refuse_mixed_run
     from .config import load_config
-    from .train import Trainer, build_parts
+    from .train import Trainer, build_parts, resume_source
 
     cfg = load_config(args.config, args.overrides)
     acc, world = _accelerator(cfg)
+    # Refuse a second run into a run's folder before the data check and the model build (the
+    # Trainer checks again); a restarted worker or requeued job resumes, as Trainer.fit does.
+    refuse_mixed_run(cfg.run_dir, resume_source(cfg, world), acc)
     result = Trainer(cfg, acc, world, build_parts(cfg, acc, world)).fit()
     if acc.is_main_process:
-        print(
-            f"best val/auc {result.best_auc:.4f} after {result.epoch} epoch(s); run directory {cfg.run_dir}"
-        )
+        if result.steps_run == 0 and result.epoch >= cfg.train.epochs:
+            print(
+                f"{cfg.run_dir} is already complete ({result.epoch}/{cfg.train.epochs} epochs): "
+                f"nothing to train. A new run: output.name=<new name>; its outputs: "
+                f"invasive-dist report --run-dir {cfg.run_dir}"
+            )
+        print(_best_line(cfg.run_dir, result.epoch))
+    return 0
+
+
+def _best_line(run_dir: Path, epochs: int) -> str:
+    """``best val/auc 0.9941 at epoch 2 of 8; ...`` from the run's metrics (one run per folder)."""
+    from .metrics import read_metrics
+
+    val = [r for r in read_metrics(run_dir) if "val/auc" in r]
+    if not val:
+        return f"no validation result yet; run directory {run_dir}"
+    best = max(val, key=lambda r: r["val/auc"])
+    return (
+        f"best val/auc {best['val/auc']:.4f} at epoch {best['epoch']} of {epochs} trained; "
+        f"run directory {run_dir}"
+    )
+
+
+def cmd_config(args) -> int:
+    from .config import describe, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(f"# resolved config: {args.config or 'defaults'}" + "".join(f" {o}" for o in args.overrides))
+    print(describe(cfg), end="")
     return 0
 
 
@@ -89,11 +176,10 @@ def cmd_predict(args) -> int:
     from .predict import load_run_config, predict_run
 
     cfg = load_run_config(Path(args.run), args.overrides)
+    data = _data_dir(args.data)
     acc, _ = _accelerator(cfg)
     assert isinstance(acc, Accelerator)
-    out = predict_run(
-        Path(args.run), Path(args.data), acc, Path(args.out) if args.out else None, tuple(args.overrides)
-    )
+    out = predict_run(Path(args.run), data, acc, Path(args.out) if args.out else None, tuple(args.overrides))
     if acc.is_main_process:
         print(f"wrote {out}")
     return 0
@@ -123,6 +209,14 @@ def cmd_report(args) -> int:
 
     run = Path(args.run)
     rows = read_metrics(run)
+    # A folder written before runs refused to mix may hold several runs: summarise the last one.
+    starts = [i for i in range(1, len(rows)) if rows[i].get("step", 0) < rows[i - 1].get("step", 0)]
+    if starts:
+        print(
+            f"note: {run}/metrics.jsonl holds {len(starts) + 1} runs (the step count restarts at line "
+            f"{starts[-1] + 1}); this summarises the last one"
+        )
+        rows = rows[starts[-1] :]
     val = [r for r in rows if "val/auc" in r]
     if not val:
         raise UserError(f"{run}/metrics.jsonl has no validation results: is {run} a finished training run?")
@@ -152,47 +246,68 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="invasive-dist", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(
+        prog="invasive-dist",
+        description=__doc__.split("\n")[0],
+        epilog="Examples:\n  "
+        + "\n  ".join(EXAMPLES[c].split("\n")[0] for c in ("synth", "train", "predict"))
+        + "\nEach command's options: invasive-dist COMMAND --help",
+    )
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("synth", help="write a synthetic data set in the Kaggle layout")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--n-train", type=int, default=2295)
-    s.add_argument("--n-test", type=int, default=1531)
-    s.add_argument("--size", type=_size, default=(1154, 866), help="WIDTHxHEIGHT (default 1154x866)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n-train", type=int, default=2295, help="labelled train images")
+    s.add_argument("--n-test", type=int, default=1531, help="test images")
+    s.add_argument("--size", type=_size, default=(1154, 866), help="WIDTHxHEIGHT")
+    s.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
     s.add_argument("--workers", type=int, default=1, help="processes (the result does not depend on it)")
     s.set_defaults(fn=cmd_synth)
 
     s = sub.add_parser("check-data", help="check a data folder; exit 0 only when it is usable")
-    s.add_argument("--data", required=True)
-    s.add_argument("--labels-csv", default="train_labels.csv")
+    s.add_argument("--data", required=True, help="data folder (train/, test/, train_labels.csv)")
+    s.add_argument("--labels-csv", default="train_labels.csv", help="label file inside --data")
     s.set_defaults(fn=cmd_check_data)
 
     s = sub.add_parser("eda", help="class balance, sample grids and a summary as files")
-    s.add_argument("--data", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--labels-csv", default="train_labels.csv")
+    s.add_argument("--data", required=True, help="data folder (train/, test/, train_labels.csv)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--labels-csv", default="train_labels.csv", help="label file inside --data")
     s.set_defaults(fn=cmd_eda)
 
     s = sub.add_parser("train", help="train one fold (torchrun/accelerate/Slurm compatible)")
-    s.add_argument("--config", default=None, help="YAML config (configs/*.yaml)")
-    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
+    s.add_argument("--config", default=None, help="YAML config (configs/*.yaml; default: built-in defaults)")
+    s.add_argument(
+        "overrides", nargs="*", metavar="key.path=value", help="dotted overrides, e.g. train.epochs=3"
+    )
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("predict", help="write submission.csv for a data folder's test images")
-    # --run-dir: under torchrun, whose own parser takes --run for an abbreviation of its --run-path.
+    # --run-dir first: under torchrun, whose own parser takes --run for an abbreviation of its --run-path.
     s.add_argument(
-        "--run",
         "--run-dir",
+        "--run",
         dest="run",
+        metavar="RUN_DIR",
         required=True,
         help="a training run, or a CV directory (fold<k>/ runs of invasive-dist cv)",
     )
     s.add_argument("--data", required=True, help="data folder with test/ and sample_submission.csv")
-    s.add_argument("--out", default=None, help="submission path (default RUN/submission.csv)")
-    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. predict.tta=dihedral")
+    s.add_argument("--out", default=None, help="submission path (default RUN_DIR/submission.csv)")
+    s.add_argument(
+        "overrides", nargs="*", metavar="key.path=value", help="dotted overrides, e.g. predict.tta=dihedral"
+    )
     s.set_defaults(fn=cmd_predict)
+
+    s = sub.add_parser(
+        "config", help="print the resolved config (file + overrides), each key with its comment"
+    )
+    s.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    s.add_argument(
+        "overrides", nargs="*", metavar="key.path=value", help="dotted overrides, e.g. optim.lr=1e-3"
+    )
+    s.set_defaults(fn=cmd_config)
     from . import analysis, bench, cv
 
     cv.add_subcommand(sub)
@@ -200,13 +315,72 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_subcommand(sub)
 
     s = sub.add_parser("report", help="summarize a finished run: val AUC and where its outputs are")
-    s.add_argument("--run", "--run-dir", dest="run", required=True)
+    s.add_argument(
+        "--run-dir", "--run", dest="run", metavar="RUN_DIR", required=True, help="a training run directory"
+    )
     s.set_defaults(fn=cmd_report)
+    for name, parser in sub.choices.items():
+        if name in EXAMPLES:
+            parser.epilog = "Example:\n  " + EXAMPLES[name]
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [f"invasive-dist {__version__}"]
+    for dist_name in ("torch", "torchvision", "accelerate", "nvidia-dali-cuda130", "nvidia-dali-cuda120"):
+        try:
+            parts.append(f"{dist_name} {version(dist_name)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(parts)
+
+
+def _unknown_option_hint(parser: argparse.ArgumentParser, extras: list[str], argv: list[str]) -> str:
+    """``--train.epochs=3`` or ``--tta dihedral``: point at the key=value override that was meant."""
+    from .config import Config, field_comments
+
+    keys: dict[str, list[str]] = {}  # last part -> dotted keys
+    for section in dataclasses.fields(Config):
+        sub = getattr(Config(), section.name)
+        names = field_comments(type(sub)) if dataclasses.is_dataclass(sub) else {section.name: ""}
+        for name in names:
+            dotted = f"{section.name}.{name}" if dataclasses.is_dataclass(sub) else name
+            keys.setdefault(name, []).append(dotted)
+    hints = []
+    for opt in extras:
+        if not opt.startswith("--"):
+            continue
+        name, eq, value = opt[2:].partition("=")
+        if not eq:
+            i = argv.index(opt) if opt in argv else -1
+            nxt = argv[i + 1] if 0 <= i < len(argv) - 1 else ""
+            value = nxt if nxt and not nxt.startswith("-") else "VALUE"
+        name = name.replace("-", "_")
+        if "." in name:
+            hints.append(f"{name}={value}")
+        elif name in keys:
+            hints.extend(f"{k}={value}" for k in keys[name])
+    takes = any(a.dest == "overrides" for a in parser._actions)
+    if hints and takes:
+        return f"; config keys are set as key.path=value without dashes, e.g. {' or '.join(hints)}"
+    return ""
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, but an unknown option is reported by its command, with the override meant."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+        sub.error(f"unrecognized arguments: {' '.join(extras)}{_unknown_option_hint(sub, extras, argv)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return args.fn(args)
     except UserError as e:

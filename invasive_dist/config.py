@@ -5,13 +5,21 @@
 
 Every section is a dataclass whose fields carry a one-line comment. A key that is not a field, or a
 value of the wrong type, is a :class:`UserError` naming the key path and the file it came from
-(``--override`` for the command line). Override values are parsed as YAML (``train.epochs=3`` is an
-int, ``model.weights=null`` is None).
+(or the command-line override). Override values are parsed as YAML (``train.epochs=3`` is an
+int, ``model.weights=null`` is None). Numbers are read as users write them: ``1e-3`` and ``5e-5`` are
+floats in files and overrides (PyYAML follows YAML 1.1, which wants ``1.0e-3``; :class:`_Loader`
+adds the YAML 1.2 float rule). A misspelt key, choice or ``model.arch`` gets a "did you mean".
+
+    print(describe(cfg))      # the resolved config, each key with its comment (invasive-dist config)
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -152,6 +160,31 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
+# YAML as users write it.
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3``, ``5E-5`` and ``2e+3`` as floats (the YAML 1.2 rule)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 floats (``1e-3``); what config files and overrides use."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def _did_you_mean(word: str, choices: typing.Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+
+
+# ----------------------------------------------------------------------------------------------
 # Strict conversion of plain YAML values into the dataclasses.
 
 
@@ -178,7 +211,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             value = "no"  # YAML 1.1 reads an unquoted `no` as false
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            raise UserError(f"{where}: {value!r} is not one of {choices}")
+            hint = _did_you_mean(value, args) if isinstance(value, str) else ""
+            raise UserError(f"{where}: {value!r} is not one of {choices}{hint}")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -214,8 +248,8 @@ def _build(cls: type, raw: dict, where: str) -> Any:
     if unknown:
         path = f"{where}.{unknown[0]}" if where else unknown[0]
         raise UserError(
-            f"unknown config key {path!r}; valid keys{' of ' + where if where else ''}: "
-            + ", ".join(sorted(names))
+            f"unknown config key {path!r}{_did_you_mean(unknown[0], names, f'{where}.' if where else '')}; "
+            f"valid keys{' of ' + where if where else ''}: " + ", ".join(sorted(names))
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
     return cls(**kwargs)
@@ -238,7 +272,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise UserError(f"override {text!r} is not of the form key.path=value (e.g. train.epochs=3)")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = yaml_load(value) if value.strip() else ""
     except yaml.YAMLError as e:
         raise UserError(f"override {text!r}: value is not valid YAML ({e})") from None
     return key.strip(), parsed
@@ -263,7 +297,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not p.is_file():
             raise UserError(f"config file {p} does not exist")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise UserError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -272,6 +306,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         _build(Config, raw, "")  # report file errors against the file before overrides apply
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
+    steps = [copy.deepcopy(raw)]  # the raw config after 0, 1, 2, ... overrides
     for ov in overrides:
         key, value = parse_override(ov)
         _set_dotted(raw, key, value)
@@ -279,10 +314,29 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             _build(Config, raw, "")
         except UserError as e:
             raise UserError(f"command-line override {ov!r}: {e}") from None
-    cfg = config_from_dict(raw, source)
+        steps.append(copy.deepcopy(raw))
+    try:
+        cfg = config_from_dict(raw, source)
+    except UserError as e:
+        raise _blame(e, steps, list(overrides), source) from None
     if not cfg.output.name:
         cfg.output.name = Path(path).stem if path is not None else "run"
     return cfg
+
+
+def _blame(err: UserError, steps: list[dict], overrides: list[str], source: str) -> UserError:
+    """An impossible combination: name the first override that made it, else the file."""
+    if not overrides:
+        return err
+    for i, raw in enumerate(steps):
+        try:
+            config_from_dict(raw, source)
+        except UserError:
+            if i == 0:
+                return err  # the file alone is already impossible
+            msg = str(err).removeprefix(f"{source}: ")
+            return UserError(f"command-line override {overrides[i - 1]!r}: {msg}")
+    return err
 
 
 def validate(cfg: Config, source: str = "<config>") -> None:
@@ -329,6 +383,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         problems.append(f"optim.lr={cfg.optim.lr} must be > 0")
     if len(cfg.optim.betas) != 2:
         problems.append(f"optim.betas={cfg.optim.betas} must have two values")
+    arch_problem = _check_arch(cfg.model.arch)
+    if arch_problem:
+        problems.append(arch_problem)
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).exists():
         problems.append(f"resume={cfg.resume!r}: no such checkpoint (use '', 'auto' or a path)")
     m = cfg.model
@@ -337,8 +394,67 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise UserError(f"{source}: " + "; ".join(problems))
 
 
+def _check_arch(arch: str) -> str:
+    """'' when torchvision has the classification model ``arch``, else the problem with a hint."""
+    import torchvision  # here, not at the top: `invasive-dist config` and the tests stay light
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if arch in available:
+        return ""
+    close = difflib.get_close_matches(arch, available, n=3, cutoff=0.75)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return (
+        f"model.arch={arch!r} is not a torchvision classification model{hint} "
+        "(the list: python -c 'import torchvision; print(torchvision.models.list_models())')"
+    )
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The ``# comment`` of each field line of a config dataclass (its documentation)."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"^\s+(\w+): [^#]*#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def _flow(value: Any) -> str:
+    return yaml.safe_dump([value], default_flow_style=True, width=1000).strip()[1:-1]
+
+
+def describe(cfg: Config) -> str:
+    """The resolved config as YAML, each key with its comment, and its default when it differs.
+
+    The text loads back as a config file (``invasive-dist config ... > my.yaml``)."""
+    lines: list[str] = []
+
+    def walk(obj: Any, default: Any, indent: str) -> None:
+        comments = field_comments(type(obj))
+        rows = []
+        for f in dataclasses.fields(obj):
+            value, dflt = getattr(obj, f.name), getattr(default, f.name)
+            if dataclasses.is_dataclass(value):
+                rows.append((f"{indent}{f.name}:", "", value, dflt))
+                continue
+            note = comments.get(f.name, "")
+            if value != dflt:
+                note += f" [default {_flow(dflt)}]"
+            rows.append((f"{indent}{f.name}: {_flow(value)}", note, None, None))
+        width = max(len(r[0]) for r in rows if r[2] is None)
+        for text, note, sub, sub_default in rows:
+            if sub is not None:
+                lines.append(text)
+                walk(sub, sub_default, indent + "  ")
+            else:
+                lines.append(f"{text:<{width}}  # {note}" if note else text)
+
+    walk(cfg, Config(), "")
+    return "\n".join(lines) + "\n"
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -565,8 +565,8 @@ def add_subcommand(subparsers) -> None:
         help="train nothing: score finished folds without oof.csv, write oof.csv/cv.json/roc.png",
     )
     s.add_argument(
+        "--run-dir",  # first: torchrun's parser rejects --run (its --run-path)
         "--run",
-        "--run-dir",
         dest="run",
         default=None,
         help="with --collect: the CV directory (default from --config)",

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .metrics import roc_auc
+from .progress import track
 
 
 @dataclass
@@ -51,12 +52,13 @@ def gather_unique(acc, index: torch.Tensor, logits: torch.Tensor, labels: torch.
 
 
 @torch.no_grad()
-def score(model: nn.Module, loader, acc) -> EvalResult:
+def score(model: nn.Module, loader, acc, desc: str = "scoring") -> EvalResult:
     """Logits of every sample of ``loader``'s split, once, gathered from all ranks. Collective."""
     was_training = model.training
     model.eval()
     idx, logits, labels = [], [], []
-    for batch in loader.iter_epoch(0):
+    batches = track(loader.iter_epoch(0), desc, loader.steps_per_epoch, "batch", acc.is_main_process)
+    for batch in batches:
         with acc.autocast():
             out = model(batch.images).float().squeeze(1)
         idx.append(batch.index)

@@ -44,6 +44,7 @@ from .errors import UserError
 from .evaluation import gather_unique
 from .files import atomic_write
 from .models import build_model
+from .progress import track
 
 FOLD_DIR_RE = re.compile(r"^fold(\d+)$")
 ENSEMBLE_METHODS = ("mean", "rank_mean")
@@ -150,7 +151,8 @@ def predict_probs(model, loader, acc, tta: str, channels_last: bool) -> tuple[np
     """(positions, mean probability over TTA views) for every sample of the loader's split,
     each exactly once, identical on every rank."""
     idx, probs, labels = [], [], []
-    for batch in loader.iter_epoch(0):
+    batches = track(loader.iter_epoch(0), f"predict (tta {tta})", loader.steps_per_epoch, "batch")
+    for batch in batches:
         probs.append(tta_probs(model, batch.images, tta, channels_last, acc.autocast))
         idx.append(batch.index)
         labels.append(batch.labels)

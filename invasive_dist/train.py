@@ -42,7 +42,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from .build import BatchPlan, Data, build_data, build_model_on, loader_config, resolve_batch
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, refuse_mixed_run
 from .config import Config, save_config, to_dict
 from .data import Shard
 from .distributed import WorldInfo
@@ -53,6 +53,7 @@ from .metrics import MetricsWriter, StepTimer, max_memory_bytes
 from .models import binary_loss
 from .optim import Optimization, build_optimization
 from .profiling import ProfilerWindow
+from .progress import ETA
 
 
 class NonFiniteError(UserError):
@@ -172,6 +173,7 @@ class FitResult:
     best_auc: float
     global_step: int
     epoch: int
+    steps_run: int  # optimizer steps this call took (0: a finished run resumed)
 
 
 def resume_source(cfg: Config, world: WorldInfo) -> str:
@@ -327,11 +329,12 @@ class Trainer:
             for module in (self.raw_model, self.ema.module if self.ema else None):
                 for b in module.buffers() if module is not None else ():
                     dist.broadcast(b, src=0)
-        return score(self.ema.module if self.ema else self.raw_model, self.val_loader, self.acc)
+        return score(self.ema.module if self.ema else self.raw_model, self.val_loader, self.acc, "validation")
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
         cfg = self.cfg
+        refuse_mixed_run(self.run_dir, resume_source(cfg, self.world), self.acc)  # one run per directory
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # The resolved file holds the per-device batch this run used.
@@ -345,7 +348,10 @@ class Trainer:
                 else ""
             )
             self.log(f"resumed from {self._resume_from} at epoch {self.epoch} step {self.global_step}{moved}")
+        first_step = self.global_step
         self._stop = _StopFlag(self.shard.world, cfg.dist.timeout_s)
+        total_steps = cfg.train.epochs * self.steps_per_epoch
+        self._run_eta = ETA(min(total_steps, cfg.train.max_steps or total_steps), self.global_step)
         writer = None
         if self.is_main:
             # After a resume, drop what was logged past the checkpoint: those steps are redone.
@@ -385,7 +391,8 @@ class Trainer:
                         writer.flush()
                     self.log(
                         f"epoch {self.epoch}/{cfg.train.epochs}: val/auc {val['val/auc']:.4f} "
-                        f"val/loss {val['val/loss']:.4f} (n={val['val/n']}) in {val['perf/epoch_time_s']:.1f}s"
+                        f"val/loss {val['val/loss']:.4f} (n={val['val/n']}) in {val['perf/epoch_time_s']:.1f}s; "
+                        f"{time.strftime('%H:%M:%S')} ETA run {self._run_eta.line(self.global_step)}"
                     )
                     self.save(is_best=is_best)
                     if self._max_steps_reached():
@@ -394,7 +401,7 @@ class Trainer:
             self._stop.restore()
             if writer:
                 writer.close()
-        return FitResult(self.best_auc, self.global_step, self.epoch)
+        return FitResult(self.best_auc, self.global_step, self.epoch, self.global_step - first_step)
 
     def _max_steps_reached(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.global_step >= self.cfg.train.max_steps
@@ -447,6 +454,7 @@ class Trainer:
         self.model.train()
         it = iter(self.train_loader.iter_epoch(self.epoch, start_step=self.step_in_epoch * accum))
         timer = StepTimer()
+        self._epoch_eta = ETA(self.steps_per_epoch, self.step_in_epoch)
 
         def next_batch():
             timer.data_start()
@@ -520,5 +528,6 @@ class Trainer:
         self.log(
             f"epoch {self.epoch + 1} step {self.step_in_epoch}/{self.steps_per_epoch} (global {self.global_step}): "
             f"loss {loss:.4f} lr {metrics['train/lr']:.3g} {perf['perf/img_per_s']:.1f} img/s "
-            f"data-wait {100 * perf['perf/data_wait_frac']:.0f}%"
+            f"data-wait {100 * perf['perf/data_wait_frac']:.0f}% | {time.strftime('%H:%M:%S')} "
+            f"ETA epoch {self._epoch_eta.line(self.step_in_epoch)} run {self._run_eta.line(self.global_step)}"
         )

@@ -30,7 +30,8 @@ default_nproc() {
     echo "$n"
 }
 
-# The torchrun executable: $TORCHRUN, else torchrun on PATH, else the repository's .venv.
+# The torchrun executable: $TORCHRUN, else torchrun on PATH, else the repository's .venv. With
+# --dry-run and none found, the plain name: the command is printed, not run.
 find_torchrun() {
     if [[ -n ${TORCHRUN:-} ]]; then
         echo "$TORCHRUN"
@@ -38,8 +39,23 @@ find_torchrun() {
         command -v torchrun
     elif [[ -x $REPO/.venv/bin/torchrun ]]; then
         echo "$REPO/.venv/bin/torchrun"
+    elif ((DRY_RUN)); then
+        echo "$PROG: note: torchrun is not on PATH here; activate the environment before running this" >&2
+        echo torchrun
     else
         die "torchrun not found: activate the environment that has torch, or set TORCHRUN=/path/to/torchrun"
+    fi
+}
+
+# check_python: the Python next to torchrun must import this repository's invasive_dist and its
+# dependencies; a torchrun from another environment fails here with the cause, not in every worker.
+check_python() {
+    ((DRY_RUN)) && return 0
+    local py err
+    py=$(dirname "${TORCHRUN_CMD[0]}")/python
+    [[ -x $py ]] || return 0 # torchrun without a python beside it (a wrapper): let it run
+    if ! err=$(PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$py" -c "import torch, accelerate, invasive_dist.cli" 2>&1); then
+        die "$py (the Python of ${TORCHRUN_CMD[0]}) cannot import invasive_dist: ${err##*$'\n'}. Wrong Python environment: activate the project's (source .venv/bin/activate) or set TORCHRUN=.venv/bin/torchrun"
     fi
 }
 

@@ -43,4 +43,5 @@ for ov in "${OVERRIDES[@]}"; do
 done
 
 build_torchrun
+check_python
 run_cmd "${TORCHRUN_CMD[@]}" -m invasive_dist train --config "$CONFIG" "${OVERRIDES[@]}"

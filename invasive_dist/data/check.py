@@ -55,6 +55,7 @@ from PIL import Image, ImageFile
 
 from ..errors import UserError
 from ..files import write_json
+from ..progress import track
 from .kaggle import NameRows, name_key, parse_name_csv
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -441,7 +442,7 @@ def check_data(
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with ThreadPoolExecutor(max_workers=max(1, n_threads)) as pool:
-            results = list(pool.map(run, jobs))
+            results = list(track(pool.map(run, jobs), "data check", total=len(jobs), unit="img"))
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
     for (_, name, prefix), found in zip(jobs, results):

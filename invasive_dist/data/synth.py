@@ -48,6 +48,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from ..errors import UserError
 from ..files import write_bytes
+from ..progress import track
 
 SPLITS = {"train": 1, "test": 2}  # part of every image's seed, so train/5 and test/5 differ
 _LABEL_STREAM = 0  # rng entropy [seed, split, 0] draws the labels; image names start at 1
@@ -437,10 +438,10 @@ def synthesize(
         methods = mp.get_all_start_methods()
         ctx = mp.get_context("fork" if "fork" in methods else None)
         with ctx.Pool(min(workers, len(tasks))) as pool:
-            for _ in pool.imap_unordered(_write_image, tasks, chunksize=4):
+            for _ in track(pool.imap_unordered(_write_image, tasks, chunksize=4), "synth", len(tasks), "img"):
                 pass
     else:
-        for task in tasks:
+        for task in track(tasks, "synth", len(tasks), "img"):
             _write_image(task)
 
     names = {split: range(1, len(v) + 1) for split, v in labels.items()}

@@ -233,7 +233,7 @@ def test_two_ranks_compute_what_one_process_does_with_the_same_global_batch(
     ]
     rc, out = run(cmd, work / "one.log")
     assert rc == 0, out[-4000:]
-    assert "global batch 2 = 1 per device x 1 processes x 2 accumulation" in out, out[-3000:]
+    assert "global batch 2 = 1 per device x 1 process x 2 accumulation" in out, out[-3000:]
     assert_same_training(work / "one", reference, init_weights[1], "1 process x 2 accumulation vs 2 ranks")
     # The same images in every step: the logged training losses agree step by step.
     loss = {r["step"]: r["train/loss"] for r in read_metrics(work / "one") if "train/loss" in r}
@@ -467,11 +467,11 @@ def test_train_sh_names_the_wrong_argument(tmp_path, args, message):
 
 def test_predict_sh_checks_its_arguments(tmp_path):
     rc, out = sh("--data", str(tmp_path), script=ROOT / "launch" / "predict.sh")
-    assert rc == 2 and "missing --run RUN_DIR" in out, out
+    assert rc == 2 and "missing --run-dir RUN_DIR" in out, out
     rc, out = sh(
         "--run", str(tmp_path / "nope"), "--data", str(tmp_path), script=ROOT / "launch" / "predict.sh"
     )
-    assert rc == 2 and "--run '" in out and "is not a directory" in out, out
+    assert rc == 2 and "--run-dir '" in out and "is not a directory" in out, out
 
 
 @pytest.mark.slow  # asks `python -m invasive_dist predict --help` (which imports torch) what it accepts

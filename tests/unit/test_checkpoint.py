@@ -68,3 +68,21 @@ ck.Checkpointer({str(tmp_path)!r}).save({{"model": {{}}, "global_step": 2}}, 2)
     c.save(state(3), 3)  # the next save cleans the partial file
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert os.path.samefile(c.last, tmp_path / "step-00000003.pt")
+
+
+def test_fresh_run_refuses_a_folder_with_a_run(tmp_path):
+    from invasive_dist.checkpoint import mixed_run_problem, refuse_mixed_run
+
+    run = tmp_path / "demo"
+    assert mixed_run_problem(run, "") == ""  # nothing there yet
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")  # a run that died before its first step
+    assert mixed_run_problem(run, "") == ""
+    Checkpointer(run / "checkpoints").save(state(1), 1)
+    (run / "demo-2").mkdir()  # the suggested name is one that does not exist
+    (tmp_path / "demo-2").mkdir()
+    msg = mixed_run_problem(run, "")
+    assert "checkpoints/last.pt" in msg and "resume=auto" in msg and "output.name=demo-3" in msg
+    assert mixed_run_problem(run, "auto") == ""
+    with pytest.raises(UserError, match="already holds a run"):
+        refuse_mixed_run(run, "")

@@ -123,3 +123,65 @@ def test_shipped_configs_load(path):
 def test_unquoted_no_is_the_choice_no(tmp_path):
     cfg = load_config(write(tmp_path, "train:\n  mixed_precision: no\n"), ["train.mixed_precision=no"])
     assert cfg.train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("text", ["1e-3", "1E-3", "1.0e-3", "+1e-3", "0.001"])
+def test_float_written_as_users_write_it(tmp_path, text):
+    """PyYAML alone reads `1e-3` as a string (YAML 1.1 wants `1.0e-3`): files and overrides agree."""
+    from_file = load_config(write(tmp_path, f"optim:\n  lr: {text}\n  weight_decay: 5e-5\n"))
+    from_override = load_config(None, [f"optim.lr={text}", "optim.weight_decay=5e-5"])
+    for cfg in (from_file, from_override):
+        assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
+        assert cfg.optim.weight_decay == pytest.approx(5e-5)
+
+
+def test_exponent_is_still_no_integer(tmp_path):
+    with pytest.raises(UserError, match="train.epochs.*expected an integer"):
+        load_config(None, ["train.epochs=1e3"])
+    assert load_config(None, ["data.root=1e3x"]).data.root == "1e3x"  # not a number: a string
+
+
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("train.epoch=3", "did you mean 'train.epochs'"),
+        ("trian.epochs=3", "did you mean 'train'"),
+        ("train.mixed_precision=bf61", "did you mean 'bf16'"),
+        ("model.arch=resnet19", "did you mean 'resnet18'"),
+    ],
+)
+def test_did_you_mean(tmp_path, override, hint):
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, ""), [override])
+    assert hint in str(e.value) and f"command-line override {override!r}" in str(e.value)
+
+
+def test_arch_typo_in_file_names_file(tmp_path):
+    p = write(tmp_path, "model:\n  arch: resnet5O\n")
+    with pytest.raises(UserError, match=rf"{p}.*model.arch='resnet5O'.*did you mean 'resnet50'"):
+        load_config(p)
+
+
+def test_impossible_combination_blames_the_override_not_the_file(tmp_path):
+    p = write(tmp_path, "data:\n  n_folds: 5\n")
+    with pytest.raises(UserError) as e:
+        load_config(p, ["train.epochs=3", "data.fold=7"])
+    msg = str(e.value)
+    assert msg.startswith("command-line override 'data.fold=7'") and str(p) not in msg
+    # the file alone impossible: the file is named
+    bad = write(tmp_path, "data:\n  fold: 9\n")
+    with pytest.raises(UserError, match=rf"^{bad}: data.fold=9"):
+        load_config(bad, ["train.epochs=3"])
+
+
+def test_describe_has_every_key_with_its_comment_and_loads_back(tmp_path):
+    from invasive_dist.config import config_from_dict, describe, yaml_load
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["optim.lr=1e-3"])
+    text = describe(cfg)
+    assert config_from_dict(yaml_load(text)) == cfg
+    lr = next(line for line in text.splitlines() if line.strip().startswith("lr:"))
+    assert "0.001" in lr and "# peak learning rate" in lr and "[default 0.1]" in lr
+    # every leaf key is on a line with a comment
+    leaves = [line for line in text.splitlines() if not line.rstrip().endswith(":")]
+    assert len(leaves) > 60 and all("  # " in line for line in leaves)

@@ -1,0 +1,126 @@
+"""The command line as a user meets it: help, version, launcher-safe flags, override hints, the
+resolved config, and what a second run into the same folder does."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from invasive_dist import __version__
+from invasive_dist.cli import build_parser, main
+from tests.conftest import FAST_TRAIN
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
+    """command -> the first (documented) option string of each of its options."""
+    sub = parser._subparsers._group_actions[0].choices
+    return {
+        name: [a.option_strings[0] for a in p._actions if a.option_strings and a.dest != "help"]
+        for name, p in sub.items()
+    }
+
+
+def test_every_option_passes_through_torchrun_and_accelerate_launch():
+    """torchrun's parser reads every argument (`--run` is an abbreviation of its --run-path);
+    each command's documented options must reach invasive_dist unchanged under both launchers."""
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.run import get_args_parser
+
+    torchrun, accelerate = get_args_parser(), launch_command_parser()
+    for command, options in _options(build_parser()).items():
+        tail = [command]
+        for opt in options:
+            tail += [opt, "x"]
+        tail.append("train.epochs=3")
+        a = torchrun.parse_args(["--standalone", "--nproc_per_node=2", "-m", "invasive_dist", *tail])
+        b = accelerate.parse_args(["--num_processes", "2", "-m", "invasive_dist", *tail])
+        assert a.training_script_args == tail and b.training_script_args == tail, command
+    # why --run-dir comes first: torchrun rejects --run
+    with pytest.raises(SystemExit):
+        torchrun.parse_args(["--standalone", "-m", "invasive_dist", "predict", "--run", "r"])
+
+
+def test_version_and_help_with_defaults_and_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and f"invasive-dist {__version__}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 2295)" in out and "(default: 1154x866)" in out
+    assert "Example:\n  invasive-dist synth --out" in out
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert "--run-dir RUN_DIR" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["train", "--train.epochs=3"], "train.epochs=3"),
+        (["predict", "--run-dir", "r", "--data", "d", "--tta", "dihedral"], "predict.tta=dihedral"),
+    ],
+)
+def test_dashed_config_key_points_at_the_override(capsys, argv, hint):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"invasive-dist {argv[0]}: error: unrecognized arguments" in err  # the command's usage
+    assert f"key.path=value without dashes, e.g. {hint}" in err
+
+
+def test_config_prints_resolved_config_with_comments(capsys):
+    assert main(["config", "--config", "configs/demo.yaml", "optim.lr=1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "# resolved config: configs/demo.yaml optim.lr=1e-3" in out
+    assert any(
+        line.strip().startswith("lr: 0.001") and "peak learning rate" in line for line in out.splitlines()
+    )
+    assert main(["config", "model.arch=resnet19"]) == 2
+    assert "command-line override 'model.arch=resnet19'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eda", "check-data"])
+def test_missing_data_folder_is_named(tmp_path, capsys, command):
+    argv = [command, "--data", str(tmp_path / "nope")] + (
+        ["--out", str(tmp_path / "o")] if command == "eda" else []
+    )
+    assert main(argv) == 2
+    assert f"--data {tmp_path / 'nope'}: the folder does not exist" in capsys.readouterr().err
+
+
+def test_second_fresh_run_refuses_and_finished_run_says_complete(tmp_path, tiny_data, capsys):
+    """Without resume, a second run into the same folder would mix metrics, tb/ and checkpoints."""
+    args = ["train", *FAST_TRAIN, f"data.root={tiny_data}", f"output.root={tmp_path}", "output.name=r"]
+    args += ["train.epochs=1"]  # one epoch is enough to leave a run behind
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "best val/auc" in out and "at epoch 1 of 1 trained" in out
+    assert "1 per device x 1 process x" not in out  # 8 per device here; the wording is checked below
+    assert "x 1 process x 1 accumulation" in out
+    metrics = (tmp_path / "r" / "metrics.jsonl").read_text()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "resume=auto" in err and "output.name=r-2" in err
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == metrics  # nothing was appended
+    assert main([*args, "resume=auto"]) == 0
+    assert "is already complete (1/1 epochs)" in capsys.readouterr().out
+
+
+def test_report_summarises_one_run_of_a_mixed_folder(tmp_path, capsys):
+    """A folder two runs wrote before runs refused to mix: the last run's figures, with a note."""
+    import json
+
+    rows = [
+        {"step": 4, "epoch": 1, "val/auc": 0.9, "val/n": 16},
+        {"step": 8, "epoch": 2, "val/auc": 0.95, "val/n": 16},
+        {"step": 4, "epoch": 1, "val/auc": 0.7, "val/n": 16},
+        {"step": 8, "epoch": 2, "val/auc": 0.8, "val/n": 16},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", "--run-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "holds 2 runs (the step count restarts at line 3)" in out
+    assert "val/auc        0.8000 (best, epoch 2; last 0.8000)" in out
