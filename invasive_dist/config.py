@@ -87,9 +87,9 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 5  # training epochs
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast precision
-    # micro-batches per optimizer step (no gradient sync on the others); auto: the fewest that keep
-    # the per-device batch <= data.batch_size for the global batch (elastic resume, see build.py)
-    grad_accum: int | Literal["auto"] = 1
+    grad_accum: int | Literal["auto"] = (
+        1  # micro-batches per optimizer step; auto: the fewest keeping the per-device batch <= data.batch_size (elastic resume)
+    )
     compile: bool = False  # torch.compile the model
     label_smoothing: float = 0.0  # BCE targets become y(1-s) + s/2
     clip_grad_norm: float = 0.0  # clip the global gradient norm (0 = measure only)
