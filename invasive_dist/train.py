@@ -24,11 +24,9 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +42,11 @@ from .data import Shard, build_loader
 from .data.kaggle import DataIndex, pseudo_index, split, train_index
 from .distributed import WorldInfo
 from .errors import UserError
-from .faults import Faults
+from .faults import from_env as faults_from_env
 from .metrics import MetricsWriter, StepTimer, max_memory_bytes, roc_auc
 from .models import build_model, head_name
 from .profiling import ProfilerWindow
+from .watchdog import NO_WATCHDOG, StopFlag, Watchdog
 
 
 class Preempted(Exception):
@@ -181,51 +180,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-class _StopFlag:
-    """Set by SIGTERM/SIGUSR1; ranks agree on it with an all-reduce on a gloo group."""
-
-    def __init__(self, world_size: int, timeout_s: int) -> None:
-        self.flag = False
-        self.signal_name = ""
-        # The group's own timeout: gloo's default (30 min) would let a hung peer hold the job.
-        timeout = timedelta(seconds=timeout_s)
-        self.group = dist.new_group(backend="gloo", timeout=timeout) if world_size > 1 else None
-        self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.flag = True
-        self.signal_name = signal.Signals(signum).name
-
-    def agreed(self) -> bool:
-        if self.group is None:
-            return self.flag
-        t = torch.tensor([1 if self.flag else 0], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _die_while_saving(state: dict, ckpt: Checkpointer, step: int) -> None:
-    """Fault injection: start writing the checkpoint like Checkpointer.save, die halfway."""
-    import os
-
-    real_save = torch.save
-
-    def dying_save(obj, f, *a, **k):
-        real_save(obj, f, *a, **k)
-        f.flush()
-        f.truncate(f.tell() // 2)
-        os._exit(13)
-
-    torch.save = dying_save
-    ckpt.save(state, step)
-
-
 class Mixer:
     """Mixup / CutMix on the device. Randomness comes from a host generator seeded by
     (seed, rank, micro-step), so no device sync and an exact replay after a resume."""
@@ -258,6 +212,8 @@ class Mixer:
 
 
 class Trainer:
+    _watch = NO_WATCHDOG  # fit() arms a real one: evaluate() also runs outside fit()
+
     def __init__(self, cfg: Config, accelerator, world: WorldInfo) -> None:
         self.cfg, self.acc, self.world = cfg, accelerator, world
         self.device = accelerator.device
@@ -328,7 +284,9 @@ class Trainer:
         if cfg.train.compile:
             self.model = torch.compile(self.model)
 
-        self.faults = Faults(self.shard.rank, attempt=world.restart_count + world.slurm_restart_count)
+        self.faults = faults_from_env(
+            self.shard.rank, attempt=world.restart_count + world.slurm_restart_count
+        )
         t = cfg.train
         self.mixer = (
             Mixer(t.mixup_alpha, t.cutmix_alpha, t.mix_prob, cfg.seed, self.shard.rank)
@@ -422,12 +380,12 @@ class Trainer:
             set_rng_state(state["rng"][self.shard.rank])
 
     def save(self, is_best: bool = False) -> None:
-        state = self.state_dict()  # collective (RNG states): every rank takes part
-        if self.is_main:
-            if self.faults.save_crash(self.global_step):
-                _die_while_saving(state, self.ckpt, self.global_step)
-            self.ckpt.save(state, self.global_step, is_best=is_best)
-        self.acc.wait_for_everyone()
+        with self._watch.waiting("the checkpoint (RNG gather, write on rank 0, barrier)"):
+            state = self.state_dict()  # collective (RNG states): every rank takes part
+            if self.is_main:
+                with self.faults.saving(self.global_step):
+                    self.ckpt.save(state, self.global_step, is_best=is_best)
+            self.acc.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -440,19 +398,21 @@ class Trainer:
             # anyway, so training is unaffected).
             for module in (self.raw_model, self.ema.module if self.ema else None):
                 for b in module.buffers() if module is not None else ():
-                    dist.broadcast(b, src=0)
+                    with self._watch.waiting("a collective (BatchNorm buffer broadcast)"):
+                        dist.broadcast(b, src=0)
         model = model or (self.ema.module if self.ema else self.raw_model)
         was_training = model.training
         model.eval()
         idx, logits, labels = [], [], []
-        for batch in loader.iter_epoch(0):
+        for batch in self._watch.iterate("data (an evaluation batch)", loader.iter_epoch(0)):
             with self.acc.autocast():
                 out = model(batch.images).float().squeeze(1)
             idx.append(batch.index)
             logits.append(out)
             labels.append(batch.labels)
         model.train(was_training)
-        return gather_unique(self.acc, torch.cat(idx), torch.cat(logits), torch.cat(labels))
+        with self._watch.waiting("a collective (the gather of predictions)"):
+            return gather_unique(self.acc, torch.cat(idx), torch.cat(logits), torch.cat(labels))
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -470,7 +430,8 @@ class Trainer:
             self.log(
                 f"resumed from {self.ckpt.resolve(resume)} at epoch {self.epoch} step {self.global_step}"
             )
-        self._stop = _StopFlag(self.shard.world, cfg.dist.timeout_s)
+        self._watch = Watchdog(self.shard.rank, cfg.dist.timeout_s)
+        self._stop = StopFlag(self.shard.world, cfg.dist.timeout_s, self._watch)
         writer = None
         if self.is_main:
             # After a resume, drop what was logged past the checkpoint: those steps are redone.
@@ -518,7 +479,8 @@ class Trainer:
                     if self._max_steps_reached():
                         break
         finally:
-            self._stop.restore()
+            self._stop.close()  # also closes the watchdog
+            self._watch = NO_WATCHDOG
             if writer:
                 writer.close()
         return {
@@ -551,8 +513,7 @@ class Trainer:
                 with record_function("forward"), acc.autocast():
                     logits = model(images).float().squeeze(1)
                     loss = F.binary_cross_entropy_with_logits(logits, target)
-                    if self.faults:
-                        loss = loss * self.faults.loss_factor(self.global_step + 1)
+                    loss = self.faults.loss(loss, self.global_step + 1)
                 with record_function("backward"):
                     acc.backward(loss / accum)
             loss_sum += loss.detach()
@@ -583,7 +544,8 @@ class Trainer:
 
         def next_batch():
             timer.data_start()
-            batch = next(it)
+            with self._watch.waiting("data (a training batch)"):
+                batch = next(it)
             timer.data_end()
             return batch
 
@@ -601,8 +563,7 @@ class Trainer:
             interval_steps += 1
             timer.step_done(cfg.data.batch_size * accum)
             prof.step()
-            if self.faults:
-                self.faults.after_step(self.global_step)
+            self.faults.after_step(self.global_step)
 
             last_of_epoch = self.step_in_epoch == self.steps_per_epoch
             if self.global_step % cfg.train.log_every == 0 or last_of_epoch:

@@ -52,7 +52,6 @@ FAST_TRAIN = [
     "model.arch=resnet18",
     "data.image_size=64",
     "data.batch_size=8",
-    "data.num_workers=0",
     "data.n_folds=4",
     "train.epochs=2",
     "train.log_every=2",
