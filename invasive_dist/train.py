@@ -380,7 +380,8 @@ class Trainer:
             set_rng_state(state["rng"][self.shard.rank])
 
     def save(self, is_best: bool = False) -> None:
-        with self._watch.waiting("the checkpoint (RNG gather, write on rank 0, barrier)"):
+        # No signal grace: a stop signal asks for this save; the launcher's shutdown timeout governs.
+        with self._watch.waiting("the checkpoint (RNG gather, write on rank 0, barrier)", signal_grace=False):
             state = self.state_dict()  # collective (RNG states): every rank takes part
             if self.is_main:
                 with self.faults.saving(self.global_step):
@@ -587,8 +588,9 @@ class Trainer:
         """The interval's one device sync: reduce across ranks, read, log."""
         acc = self.acc
         packed = torch.stack([loss_sum / n, gnorm_sum, nonfinite])
-        packed = acc.reduce(packed, reduction="mean")
-        loss, gsum, bad = packed.tolist()  # <- the sync
+        with self._watch.waiting("a collective (the log interval's reduce)"):
+            packed = acc.reduce(packed, reduction="mean")
+            loss, gsum, bad = packed.tolist()  # <- the sync
         bad_steps = int(round(bad))
         good = max(n - bad_steps, 1)
         perf = timer.read(self.shard.world)

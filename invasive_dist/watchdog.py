@@ -66,6 +66,7 @@ class Watchdog:
         self._lock = threading.Lock()
         self._what = ""
         self._since = 0.0
+        self._grace = True
         self._deadline = math.inf
         self._signal_at = math.inf  # when SIGTERM/SIGUSR1 first arrived
         self._signal_name = ""
@@ -81,12 +82,13 @@ class Watchdog:
 
     # -- the main thread's side -------------------------------------------------------------------
     @contextlib.contextmanager
-    def waiting(self, what: str, timeout_s: float | None = None) -> Iterator[None]:
+    def waiting(self, what: str, timeout_s: float | None = None, signal_grace: bool = True) -> Iterator[None]:
         """Bound the wait inside the block: past ``timeout_s`` (default ``dist.timeout_s``) the
-        process ends with a message naming ``what``."""
+        process ends with a message naming ``what``. ``signal_grace=False`` for the work a stop
+        signal asks for (the checkpoint): the launcher's own timeout then governs."""
         now = time.monotonic()
         with self._lock:
-            self._what, self._since = what, now
+            self._what, self._since, self._grace = what, now, signal_grace
             self._deadline = now + (self.timeout_s if timeout_s is None else timeout_s)
         try:
             yield
@@ -139,7 +141,7 @@ class Watchdog:
         while not self._closed.is_set():
             with self._lock:
                 deadline = self._deadline
-                if self._what and not math.isinf(self._signal_at):
+                if self._what and self._grace and not math.isinf(self._signal_at):
                     deadline = min(deadline, max(self._since, self._signal_at) + self.signal_grace_s)
             wait = min(_POLL_S, max(0.0, deadline - time.monotonic()))
             try:
@@ -152,7 +154,7 @@ class Watchdog:
                 for signum in data:
                     if signum in stop_signals and math.isinf(self._signal_at):
                         self._signal_at, self._signal_name = now, stop_signals[signum]
-                what, since, armed = self._what, self._since, bool(self._what)
+                what, since, armed = self._what, self._since, bool(self._what) and self._grace
                 wedged = now >= self._deadline
                 # Blocked in one wait for the grace period since the signal (or since the wait
                 # began, if it began later): the Python handler cannot run, the step boundary
@@ -173,7 +175,9 @@ class Watchdog:
 class _NoWatchdog:
     """No bound: what the trainer uses outside ``fit()`` (e.g. ``evaluate`` from ``cv``)."""
 
-    def waiting(self, what: str, timeout_s: float | None = None) -> contextlib.AbstractContextManager:
+    def waiting(
+        self, what: str, timeout_s: float | None = None, signal_grace: bool = True
+    ) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
     def iterate(self, what: str, iterable: Iterable) -> Iterable:
