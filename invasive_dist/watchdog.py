@@ -10,7 +10,8 @@
 **StopFlag.** SIGTERM/SIGUSR1 set a flag in the trainer's main process (DataLoader workers restore
 the default handlers, see ``data/torch_backend.py``). Ranks agree on it with an all-reduce (MAX) on
 a gloo group of their own: host memory, no device sync, and the group's own timeout. Measured on
-the 2-core CPU machine, 2 processes under torchrun, demo data and model: see ``StopFlag.agreed``.
+the 2-core CPU machine, 2 processes under torchrun, demo data and model: about 0.5% of a step (see
+``StopFlag.agreed``).
 
 **Watchdog.** A daemon thread bounds the waits of the main thread that may never end: a batch from
 the data workers, a collective, the checkpoint (gather, write, barrier). A wait armed with
@@ -128,6 +129,8 @@ class Watchdog:
 
     def close(self) -> None:
         self._closed.set()
+        with contextlib.suppress(OSError):
+            self._wsock.send(b"\0")  # wake the thread now rather than at its next poll
         if self._old_wakeup_fd is not None and threading.current_thread() is threading.main_thread():
             signal.set_wakeup_fd(self._old_wakeup_fd)
             self._old_wakeup_fd = None
@@ -207,7 +210,14 @@ class StopFlag:
         self.signal_name = signal.Signals(signum).name
 
     def agreed(self) -> bool:
-        """Whether any rank got a stop signal; called by every rank at the same step boundary."""
+        """Whether any rank got a stop signal; called by every rank at the same step boundary.
+
+        Cost, measured on the 2-core CPU machine (load average ~9, 2 processes under torchrun, gloo):
+        the all-reduce itself takes 0.12 ms (median; p90 3 ms) when both ranks arrive together; in
+        the demo run (ResNet-18, 128 px, batch 32, ~2 s per step) a call took 10-11 ms (median),
+        mostly one rank waiting for the other, which the next step's gradient all-reduce would wait
+        for anyway: about 0.5% of a step. Cheap enough to agree every step, which keeps the stop
+        one step after the signal rather than up to ``train.log_every`` steps."""
         if self.group is None:
             return self.flag
         what = "a collective (the stop-flag all-reduce)"

@@ -160,16 +160,12 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 
 class _EpochPlan(Sampler):
-    """The batch sampler of a loader's one DataLoader: the batches of the epoch (and start step)
-    last given to :meth:`set`. Iterated in the main process, so a change between epochs reaches
-    persistent workers with the next indices."""
+    """The batch sampler of a loader's one DataLoader: the batches (items of ``_ImageDataset``) of
+    the epoch and start step the loader last set. Iterated in the main process, so a new plan
+    reaches the persistent workers with the next indices."""
 
-    def __init__(self, make_plan) -> None:
-        self.make_plan = make_plan
+    def __init__(self) -> None:
         self.steps: list[list[tuple[int, int]]] = []
-
-    def set(self, epoch: int, start_step: int) -> None:
-        self.steps = self.make_plan(epoch)[start_step:]
 
     def __iter__(self):
         return iter(self.steps)
@@ -200,7 +196,7 @@ class TorchLoader(LoaderBase):
             self.steps_per_epoch = train_steps(len(index), self.batch, shard)
         else:
             self.steps_per_epoch = len(eval_plan(len(index), self.batch, shard))
-        self.sampler = _EpochPlan(self._plan)
+        self.sampler = _EpochPlan()
         workers = self.d.num_workers
         self.loader = DataLoader(
             self.dataset,
@@ -232,7 +228,7 @@ class TorchLoader(LoaderBase):
         return steps
 
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        self.sampler.set(epoch, start_step)
+        self.sampler.steps = self._plan(epoch)[start_step:]
         if not len(self.sampler):
             return
         # A new iterator of a persistent DataLoader reuses its workers; one left unfinished (a stop
