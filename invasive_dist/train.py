@@ -397,9 +397,9 @@ class Trainer:
             # BatchNorm running statistics differ per rank after a step; the checkpoint holds rank
             # 0's. Score that model everywhere (DDP broadcasts rank 0's buffers at the next forward
             # anyway, so training is unaffected).
-            for module in (self.raw_model, self.ema.module if self.ema else None):
-                for b in module.buffers() if module is not None else ():
-                    with self._watch.waiting("a collective (BatchNorm buffer broadcast)"):
+            with self._watch.waiting("a collective (BatchNorm buffer broadcast)"):
+                for module in (self.raw_model, self.ema.module if self.ema else None):
+                    for b in module.buffers() if module is not None else ():
                         dist.broadcast(b, src=0)
         model = model or (self.ema.module if self.ema else self.raw_model)
         was_training = model.training
