@@ -60,9 +60,6 @@ def _sleep_forever() -> None:
 class Faults:
     """The hooks the trainer calls. This base class is the no-op default."""
 
-    def __bool__(self) -> bool:
-        return False
-
     def loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         """The loss of ``step`` as the trainer should use it."""
         return loss
@@ -81,9 +78,6 @@ NO_FAULTS = Faults()
 class PlantedFaults(Faults):
     def __init__(self, faults: list[Fault]) -> None:
         self.faults = faults
-
-    def __bool__(self) -> bool:
-        return bool(self.faults)
 
     def _at(self, kind: str, step: int) -> bool:
         return any(f.kind == kind and f.step == step for f in self.faults)
