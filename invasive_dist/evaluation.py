@@ -16,6 +16,7 @@ from torch import nn
 
 from .metrics import roc_auc
 from .progress import track
+from .watchdog import NO_WATCHDOG
 
 
 @dataclass
@@ -52,12 +53,18 @@ def gather_unique(acc, index: torch.Tensor, logits: torch.Tensor, labels: torch.
 
 
 @torch.no_grad()
-def score(model: nn.Module, loader, acc, desc: str = "scoring") -> EvalResult:
+def score(model: nn.Module, loader, acc, desc: str = "scoring", watch=NO_WATCHDOG) -> EvalResult:
     """Logits of every sample of ``loader``'s split, once, gathered from all ranks. Collective."""
     was_training = model.training
     model.eval()
     idx, logits, labels = [], [], []
-    batches = track(loader.iter_epoch(0), desc, loader.steps_per_epoch, "batch", acc.is_main_process)
+    batches = track(
+        watch.iterate("data (an evaluation batch)", loader.iter_epoch(0)),
+        desc,
+        loader.steps_per_epoch,
+        "batch",
+        acc.is_main_process,
+    )
     for batch in batches:
         with acc.autocast():
             out = model(batch.images).float().squeeze(1)
@@ -65,4 +72,5 @@ def score(model: nn.Module, loader, acc, desc: str = "scoring") -> EvalResult:
         logits.append(out)
         labels.append(batch.labels)
     model.train(was_training)
-    return gather_unique(acc, torch.cat(idx), torch.cat(logits), torch.cat(labels))
+    with watch.waiting("a collective (the gather of predictions)"):
+        return gather_unique(acc, torch.cat(idx), torch.cat(logits), torch.cat(labels))

@@ -29,10 +29,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import signal
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +46,13 @@ from .data import Shard
 from .distributed import WorldInfo
 from .errors import Preempted, UserError
 from .evaluation import EvalResult, score
-from .faults import Faults
+from .faults import from_env as faults_from_env
 from .metrics import MetricsWriter, StepTimer, max_memory_bytes
 from .models import binary_loss
 from .optim import Optimization, build_optimization
 from .profiling import ProfilerWindow
 from .progress import ETA
+from .watchdog import NO_WATCHDOG, StopFlag, Watchdog
 
 
 class NonFiniteError(UserError):
@@ -77,51 +76,6 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-class _StopFlag:
-    """Set by SIGTERM/SIGUSR1; ranks agree on it with an all-reduce on a gloo group."""
-
-    def __init__(self, world_size: int, timeout_s: int) -> None:
-        self.flag = False
-        self.signal_name = ""
-        # The group's own timeout: gloo's default (30 min) would let a hung peer hold the job.
-        timeout = timedelta(seconds=timeout_s)
-        self.group = dist.new_group(backend="gloo", timeout=timeout) if world_size > 1 else None
-        self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.flag = True
-        self.signal_name = signal.Signals(signum).name
-
-    def agreed(self) -> bool:
-        if self.group is None:
-            return self.flag
-        t = torch.tensor([1 if self.flag else 0], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _die_while_saving(state: dict, ckpt: Checkpointer, step: int) -> None:
-    """Fault injection: start writing the checkpoint like Checkpointer.save, die halfway."""
-    import os
-
-    real_save = torch.save
-
-    def dying_save(obj, f, *a, **k):
-        real_save(obj, f, *a, **k)
-        f.flush()
-        f.truncate(f.tell() // 2)
-        os._exit(13)
-
-    torch.save = dying_save
-    ckpt.save(state, step)
 
 
 class Mixer:
@@ -210,6 +164,8 @@ class Trainer:
 
     ``Trainer(cfg, acc, world)`` builds its parts with :func:`build_parts`."""
 
+    _watch = NO_WATCHDOG  # fit() arms a real one: evaluate() also runs outside fit()
+
     def __init__(self, cfg: Config, accelerator, world: WorldInfo, parts: Parts | None = None) -> None:
         parts = parts or build_parts(cfg, accelerator, world)
         self.cfg, self.acc, self.world = cfg, accelerator, world
@@ -238,7 +194,9 @@ class Trainer:
         self._resume_from, self._resume_state = parts.resume_from, parts.resume_state
         parts.resume_state = None  # fit() drops it after loading: no copy lingers with the caller
 
-        self.faults = Faults(self.shard.rank, attempt=world.restart_count + world.slurm_restart_count)
+        self.faults = faults_from_env(
+            self.shard.rank, attempt=world.restart_count + world.slurm_restart_count
+        )
         t = cfg.train
         self.mixer = (
             Mixer(t.mixup_alpha, t.cutmix_alpha, t.mix_prob, cfg.seed, self.shard.rank)
@@ -311,12 +269,13 @@ class Trainer:
         # bit-identical with, an uninterrupted run.
 
     def save(self, is_best: bool = False) -> None:
-        state = self.state_dict()  # collective (RNG states): every rank takes part
-        if self.is_main:
-            if self.faults.save_crash(self.global_step):
-                _die_while_saving(state, self.ckpt, self.global_step)
-            self.ckpt.save(state, self.global_step, is_best=is_best)
-        self.acc.wait_for_everyone()
+        # No signal grace: a stop signal asks for this save; the launcher's shutdown timeout governs.
+        with self._watch.waiting("the checkpoint (RNG gather, write on rank 0, barrier)", signal_grace=False):
+            state = self.state_dict()  # collective (RNG states): every rank takes part
+            if self.is_main:
+                with self.faults.saving(self.global_step):
+                    self.ckpt.save(state, self.global_step, is_best=is_best)
+            self.acc.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -326,10 +285,12 @@ class Trainer:
             # BatchNorm running statistics differ per rank after a step; the checkpoint holds rank
             # 0's. Score that model everywhere (DDP broadcasts rank 0's buffers at the next forward
             # anyway, so training is unaffected).
-            for module in (self.raw_model, self.ema.module if self.ema else None):
-                for b in module.buffers() if module is not None else ():
-                    dist.broadcast(b, src=0)
-        return score(self.ema.module if self.ema else self.raw_model, self.val_loader, self.acc, "validation")
+            with self._watch.waiting("a collective (BatchNorm buffer broadcast)"):
+                for module in (self.raw_model, self.ema.module if self.ema else None):
+                    for b in module.buffers() if module is not None else ():
+                        dist.broadcast(b, src=0)
+        model = self.ema.module if self.ema else self.raw_model
+        return score(model, self.val_loader, self.acc, "validation", self._watch)
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
@@ -349,7 +310,8 @@ class Trainer:
             )
             self.log(f"resumed from {self._resume_from} at epoch {self.epoch} step {self.global_step}{moved}")
         first_step = self.global_step
-        self._stop = _StopFlag(self.shard.world, cfg.dist.timeout_s)
+        self._watch = Watchdog(self.shard.rank, cfg.dist.timeout_s)
+        self._stop = StopFlag(self.shard.world, cfg.dist.timeout_s, self._watch)
         total_steps = cfg.train.epochs * self.steps_per_epoch
         self._run_eta = ETA(min(total_steps, cfg.train.max_steps or total_steps), self.global_step)
         writer = None
@@ -398,7 +360,8 @@ class Trainer:
                     if self._max_steps_reached():
                         break
         finally:
-            self._stop.restore()
+            self._stop.close()  # also closes the watchdog
+            self._watch = NO_WATCHDOG
             if writer:
                 writer.close()
         return FitResult(self.best_auc, self.global_step, self.epoch, self.global_step - first_step)
@@ -425,8 +388,7 @@ class Trainer:
                     images, target = self.mixer(images, target, self.global_step * accum + micro)
                 with record_function("forward"), acc.autocast():
                     loss = binary_loss(model(images), target, cfg.model.aux_loss_weight)
-                    if self.faults:
-                        loss = loss * self.faults.loss_factor(self.global_step + 1)
+                    loss = self.faults.loss(loss, self.global_step + 1)
                 with record_function("backward"):
                     acc.backward(loss / accum)
             loss_sum += loss.detach()
@@ -458,7 +420,8 @@ class Trainer:
 
         def next_batch():
             timer.data_start()
-            batch = next(it)
+            with self._watch.waiting("data (a training batch)"):
+                batch = next(it)
             timer.data_end()
             return batch
 
@@ -476,8 +439,7 @@ class Trainer:
             interval_steps += 1
             timer.step_done(self.plan.per_device * accum)
             prof.step()
-            if self.faults:
-                self.faults.after_step(self.global_step)
+            self.faults.after_step(self.global_step)
 
             last_of_epoch = self.step_in_epoch == self.steps_per_epoch
             if self.global_step % cfg.train.log_every == 0 or last_of_epoch:
@@ -501,8 +463,9 @@ class Trainer:
         """The interval's one device sync: reduce across ranks, read, log."""
         acc = self.acc
         packed = torch.stack([loss_sum / n, gnorm_sum, nonfinite])
-        packed = acc.reduce(packed, reduction="mean")
-        loss, gsum, bad = packed.tolist()  # <- the sync
+        with self._watch.waiting("a collective (the log interval's reduce)"):
+            packed = acc.reduce(packed, reduction="mean")
+            loss, gsum, bad = packed.tolist()  # <- the sync
         bad_steps = int(round(bad))
         good = max(n - bad_steps, 1)
         perf = timer.read(self.shard.world)

@@ -35,7 +35,6 @@ CV_FAST = [
     "model.arch=resnet18",
     "data.image_size=32",
     "data.batch_size=16",
-    "data.num_workers=0",
     f"data.n_folds={N_FOLDS}",
     "train.epochs=1",
     "train.log_every=2",

@@ -67,7 +67,6 @@ EXACT = [
     "model.arch=resnet18",
     "data.image_size=64",  # 2x2 at the last stage: BatchNorm over one image is defined
     "data.batch_size=1",
-    "data.num_workers=0",
     "data.n_folds=4",
     "data.hflip=false",
     "data.vflip=false",

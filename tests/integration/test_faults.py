@@ -12,7 +12,9 @@ or one ``python -m invasive_dist train``), breaks the run in one way, and checks
   saved, and the resumed run ends equal; SIGUSR1 to a single process: exit 143 and a checkpoint;
 - a NaN loss on rank 1 only: both ranks skip the step (``train.nonfinite=skip``) or stop with
   exit code 2 and a message naming the step (``stop``), the last good checkpoint intact;
-- a hung rank ends the job after ``dist.timeout_s`` instead of hanging it.
+- a hung rank ends the job after ``dist.timeout_s`` instead of hanging it, and so does a DataLoader
+  worker that sleeps forever, each with a message naming the rank, the wait and the Python stacks;
+- SIGTERM while a rank is blocked in a collective: it still leaves within the launcher's grace period.
 
 Faults are planted with ``INVASIVE_DIST_FAULT`` (``invasive_dist/faults.py``) rather than by
 killing pids from outside at a moment read from the logs: the tiny runs take a few seconds, so an
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -413,4 +416,72 @@ def test_hung_rank_ends_the_job_after_dist_timeout(root, tiny_data):
     elapsed = time.monotonic() - t0
     assert rc == 1, f"torchrun exit code {rc}\n{out[-4000:]}"
     assert "Timed out waiting 10000ms" in out, out[-4000:]  # dist.timeout_s, not a default
+    # The message names the rank and the wait, and the Python stacks follow (faulthandler).
+    assert "error: rank 0 waited" in out and "for a collective (the stop-flag all-reduce)" in out, out[-4000:]
+    assert "Python stacks follow" in out and 'File "' in out.split("Python stacks follow")[1], out[-4000:]
     print(f"hung job ended after {elapsed:.0f} s with exit code {rc}")
+
+
+WEDGE_BOUND = 30  # s: dist.timeout_s of the wedge tests; covers the workers' start-up on a busy machine
+
+
+@pytest.mark.slow
+def test_data_worker_that_sleeps_forever_ends_the_job_with_rank_and_stack(root, tiny_data):
+    """A DataLoader worker of rank 1 sleeps forever at the start of epoch 2 (its 17th sample:
+    epoch 1 gives worker 0 two batches of 8). Rank 1 waits for that batch; past the bound it ends
+    with a message naming rank 1, the data wait and the Python stacks; torchrun ends rank 0 and
+    the sleeping worker (workers keep the default SIGTERM). The last checkpoint (step 3) loads."""
+    t0 = time.monotonic()
+    run = Run(
+        root,
+        "data-hang",
+        f"dist.timeout_s={WEDGE_BOUND}",
+        "data.num_workers=2",
+        data=tiny_data,
+        fault="data_hang@17:1",
+    )
+    rc, out = run.finish(timeout=300)
+    elapsed = time.monotonic() - t0
+    assert rc == 1, f"torchrun exit code {rc}\n{out[-4000:]}"
+    assert re.search(r"error: rank 1 waited (\d+) s for data \(a training batch\)", out), out[-4000:]
+    stacks = out.split("Python stacks follow")[1]
+    assert "in iter_epoch" in stacks and "dataloader.py" in stacks, out[-4000:]  # where it waited
+    state = last(root / "data-hang")
+    assert state["global_step"] == STEPS_PER_EPOCH
+    assert_finite(state)
+    # Start-up + epoch 1 + the bound + torchrun's shutdown of rank 0, with room for a busy machine.
+    assert elapsed < 240, f"the wedged job took {elapsed:.0f} s"
+    print(f"data wedge ended the job after {elapsed:.0f} s")
+
+
+@pytest.mark.slow
+def test_sigterm_while_blocked_in_a_collective_leaves_within_the_grace_period(root, tiny_data):
+    """Rank 1 stops responding after step 2; rank 0 blocks in step 2's log-interval reduce, in C++,
+    where a Python signal handler cannot run. SIGTERM to the torchrun agent: rank 0 leaves within
+    watchdog.SIGNAL_GRACE_S (20 s), well inside torchrun's 30 s, with a message naming the rank and
+    the collective, instead of waiting out dist.timeout_s (600 s, the default here); last.pt, the
+    step-1 checkpoint, loads."""
+    from invasive_dist.watchdog import SIGNAL_GRACE_S
+
+    run = Run(root, "sigterm-blocked", data=tiny_data, fault="hang@2:1")
+    step1 = root / "sigterm-blocked" / "checkpoints" / "step-00000001.pt"
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not step1.exists():
+        assert run.proc.poll() is None, run.output[-4000:]
+        assert time.monotonic() < deadline, "no step-1 checkpoint"
+        time.sleep(0.1)
+    time.sleep(3)  # rank 0 is blocked by now (or blocks right after: the outcome is the same)
+    t0 = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)
+    rc, out = run.finish(timeout=120)
+    elapsed = time.monotonic() - t0
+    assert rc == 1, f"torchrun exit code {rc}\n{out[-4000:]}"
+    assert "error: rank 0 waited" in out and "SIGTERM arrived" in out, out[-4000:]
+    assert "for a collective (the log interval's reduce)" in out, out[-4000:]
+    # Rank 0 by itself after the grace; the hung rank 1 (asleep in Python) by torchrun's SIGKILL at 30 s.
+    assert elapsed < 30 + 15, f"the job took {elapsed:.0f} s to end after SIGTERM"
+    assert SIGNAL_GRACE_S < 30
+    state = last(root / "sigterm-blocked")
+    assert state["global_step"] == 1
+    assert_finite(state)
+    print(f"SIGTERM while blocked: the job ended {elapsed:.0f} s after the signal")

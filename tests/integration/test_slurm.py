@@ -46,7 +46,6 @@ SETTINGS = [
     "model.arch=resnet18",
     "data.image_size=32",
     "data.batch_size=4",
-    "data.num_workers=0",
     "data.n_folds=4",
     "train.log_every=1",
     "optim.name=adamw",
