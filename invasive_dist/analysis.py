@@ -1,7 +1,7 @@
 """Error analysis of a finished run or CV directory: ROC curve, confusion matrix, worst images.
 
-    invasive-dist analyze --run runs/r50                      # a CV directory: uses its oof.csv
-    invasive-dist analyze --run runs/demo --threshold youden  # one run: scores its validation fold first
+    invasive-dist analyze --run-dir runs/r50                      # a CV directory: uses its oof.csv
+    invasive-dist analyze --run-dir runs/demo --threshold youden  # one run: scores its validation fold first
 
 Writes into ``RUN/analysis/`` (or ``--out``):
 
@@ -129,7 +129,7 @@ def analyze_run(
         if not path.is_file():
             raise UserError(
                 f"{path} is missing: collect the out-of-fold predictions first with "
-                f"`invasive-dist cv --collect --run {run_dir}`"
+                f"`invasive-dist cv --collect --run-dir {run_dir}`"
             )
         oof = read_oof(path)
     else:

@@ -26,9 +26,8 @@ that fails gets a row with its error and the others still run; the exit status i
 Results, settings and a hardware description go to ``bench.json`` in ``--out`` (default: the run
 directory, ``output.root/output.name``), rewritten after every row.
 
-Measured on one H100 80GB HBM3, ResNet-50, 224 px, bf16, channels_last, batch 256 (see
-../shared/device/README.md): model 3,975 img/s eager, 5,611 compiled; input: torch DataLoader with
-16 workers 315 img/s, DALI mixed decoding with hw_decoder_load=1.0 5,238 img/s.
+What this code has measured, on which device and with which command, is in docs/performance.md
+(tests/gpu_check.sh produces the GPU rows).
 """
 
 from __future__ import annotations

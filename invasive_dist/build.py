@@ -144,6 +144,14 @@ class Data:
     val_loader: Loader | None  # None unless asked for
     steps_per_epoch: int  # optimizer steps: ceil(training images / global batch)
 
+    def close(self) -> None:
+        """Stop the loaders' worker processes now (cv's next fold would otherwise find them idle
+        until garbage collection)."""
+        for loader in (self.train_loader, self.val_loader):
+            close = getattr(loader, "close", None)
+            if close is not None:
+                close()
+
 
 def loader_config(cfg: Config, plan: BatchPlan) -> Config:
     """A copy of ``cfg`` whose ``data.batch_size`` is the plan's per-device batch (what loaders read)."""

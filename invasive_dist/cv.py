@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 -m invasive_dist cv --config configs/resnext101_8gpu.yaml
     invasive-dist cv --config C.yaml --only-fold 3                          # one fold (e.g. a Slurm array task)
     invasive-dist cv --config C.yaml data.fold=3 output.name=r50/fold3      # the same, as cv_array.sbatch says it
-    invasive-dist cv --collect --run runs/r50                               # OOF of folds trained elsewhere
+    invasive-dist cv --collect --run-dir runs/r50                               # OOF of folds trained elsewhere
     invasive-dist cv --config C.yaml --pseudo-rounds 1 --pseudo-low 0.05 --pseudo-high 0.95
 
 The CV directory is ``output.root/output.name``:
@@ -27,7 +27,7 @@ is left; an unfinished fold continues from its ``last`` checkpoint (``resume=aut
 
 Slurm arrays: a task that runs ``cv`` with ``--only-fold K`` (or ``data.fold=K
 output.name=NAME/foldK``) trains fold K and writes its oof.csv; the task that finds every fold
-finished also writes the CV files. ``cv --collect --run DIR`` does that afterwards and scores the
+finished also writes the CV files. ``cv --collect --run-dir DIR`` does that afterwards and scores the
 folds that were trained with ``invasive-dist train`` instead. With ``--pseudo-rounds 1`` it also
 writes the pseudo-label file for the next round and prints the command that trains it.
 
@@ -254,6 +254,7 @@ def train_folds(base: Config, cv_name: str, folds: list[int], acc, world) -> lis
             result = Trainer(cfg, acc, world, parts).fit()
             df = fold_oof(cfg, parts.data, run_dir, acc)
         finally:
+            parts.data.close()
             del parts
             _free(acc)
         auc = roc_auc(df["label"].to_numpy(), df["probability"].to_numpy())
@@ -471,7 +472,7 @@ def cmd_collect(args) -> int:
         cv_dir = load_config(args.config, args.overrides).run_dir
     else:
         raise UserError(
-            "cv --collect needs --run CV_DIR (or --config, whose output.root/output.name is the CV dir)"
+            "cv --collect needs --run-dir CV_DIR (or --config, whose output.root/output.name is the CV dir)"
         )
     if not fold_dirs(cv_dir):
         raise UserError(f"{cv_dir} holds no fold<k>/ runs; train them first (invasive-dist cv --config ...)")
@@ -506,7 +507,7 @@ def cmd_cv(args) -> int:
     if only is not None and args.pseudo_rounds:
         raise UserError(
             "--pseudo-rounds needs every fold of the round: train the folds (e.g. the Slurm array), then "
-            "`invasive-dist cv --collect --run CV_DIR --pseudo-rounds 1` writes the pseudo-labels"
+            "`invasive-dist cv --collect --run-dir CV_DIR --pseudo-rounds 1` writes the pseudo-labels"
         )
     acc, world = _accelerator(cfg)
     n = cfg.data.n_folds
@@ -530,7 +531,7 @@ def cmd_cv(args) -> int:
             _print(
                 acc,
                 f"[cv] {n - len(left)} of {n} folds of {rdir} finished; left: {left}. The CV files are "
-                f"written by the task that finishes the last fold, or by `invasive-dist cv --collect --run {rdir}`",
+                f"written by the task that finishes the last fold, or by `invasive-dist cv --collect --run-dir {rdir}`",
             )
             return 0
         if acc.is_main_process:
@@ -546,7 +547,7 @@ def cmd_cv(args) -> int:
                     f"[cv] no test image passed the thresholds in {pseudo}; stopping before round {r + 1}",
                 )
                 break
-    _print(acc, f"[cv] done; predict with: invasive-dist predict --run {rdir} --data {cfg.data.root}")
+    _print(acc, f"[cv] done; predict with: invasive-dist predict --run-dir {rdir} --data {cfg.data.root}")
     return 0
 
 

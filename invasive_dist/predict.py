@@ -1,10 +1,10 @@
 """Prediction: a trained run, or a cross-validation directory of fold runs -> Kaggle ``submission.csv``.
 
-    invasive-dist predict --run runs/demo --data data/synthetic               # runs/demo/submission.csv
-    invasive-dist predict --run runs/r50 --data /data/invasive predict.tta=dihedral    # r50 = CV dir
-    torchrun --nproc_per_node=8 -m invasive_dist predict --run runs/r50 --data /data/invasive
+    invasive-dist predict --run-dir runs/demo --data data/synthetic               # runs/demo/submission.csv
+    invasive-dist predict --run-dir runs/r50 --data /data/invasive predict.tta=dihedral    # r50 = CV dir
+    torchrun --nproc_per_node=8 -m invasive_dist predict --run-dir runs/r50 --data /data/invasive
 
-``--run`` is either one training run (it holds ``config.yaml`` and ``checkpoints/``) or a CV
+``--run-dir`` is either one training run (it holds ``config.yaml`` and ``checkpoints/``) or a CV
 directory written by ``invasive-dist cv`` (it holds ``fold<k>/`` runs). Each run's resolved
 ``config.yaml`` rebuilds its model and evaluation transform; the ``best`` checkpoint is loaded (its
 EMA weights when the run kept them). Test images are sharded across ranks, every image is scored

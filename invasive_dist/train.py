@@ -304,7 +304,8 @@ class Trainer:
         if state is not None:
             self.load_state_dict(state)
             moved = (
-                f" (saved by {state['world_size']} processes, continued on {self.shard.world})"
+                f" (saved by {state['world_size']} process{'es' if state['world_size'] != 1 else ''}, "
+                f"continued on {self.shard.world})"
                 if state["world_size"] != self.shard.world
                 else ""
             )

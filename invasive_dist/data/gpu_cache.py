@@ -17,9 +17,9 @@ be handed memory that the previous chunk's queued resize or cache writes still r
 it. So the device is synchronized before each call (one sync per 64 images, at build time only).
 On CPU the same chunks are decoded in the thread pool and the cache lives in host memory. Files
 with an EXIF rotation, or that nvJPEG refuses, are decoded on the CPU (EXIF applied, as the torch backend does); a file nothing can decode is a
-UserError naming it. The main process (rank 0) prints a progress line (images/s, ETA; rewritten in
-place on a terminal, a plain line every 10 s otherwise) and every rank's time and bytes are kept in
-``build_info``.
+UserError naming it. The main process (rank 0) shows the build's progress (``progress.Progress``:
+images/s and ETA, a bar on a terminal, periodic lines in a log) and every rank's time and bytes are
+kept in ``build_info``.
 
 What is stored:
 
@@ -74,6 +74,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..errors import UserError
+from ..progress import Progress
 from .base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -86,15 +87,14 @@ from .base import (
     train_plan,
     train_steps,
 )
+from .check import EXIF_ORIENTATION
 from .kaggle import DataIndex
 from .torch_backend import decode_rgb, eval_transform
 
 CUDA_DECODE_CHUNK = 64  # files per chunk of the build (one batched nvJPEG call on CUDA)
-EXIF_ORIENTATION = 0x0112
 LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 TRIES = 10  # random-resized-crop attempts before the center-square fallback, as torchvision
 DRAWS = 2 * TRIES + 5  # uniforms per sample: 10 x (area, aspect), top, left, hflip, vflip, rot90
-PROGRESS_EVERY_S = 10.0  # progress line period when stderr is not a terminal
 
 
 def train_short_side(cfg_data) -> int:
@@ -293,27 +293,6 @@ def _decode_or_none(data: torch.Tensor) -> torch.Tensor | None:
         return None  # decode_rgb names the file
 
 
-class Progress:
-    """``gpu_cache: 1,024/2,295 images, 812 img/s, ETA 2 s`` on stderr: rewritten in place on a
-    terminal, a plain line every ``PROGRESS_EVERY_S`` otherwise; silent when ``enabled`` is false."""
-
-    def __init__(self, total: int, what: str, enabled: bool) -> None:
-        self.total, self.what, self.enabled = total, what, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (not self.tty and now - self.last < PROGRESS_EVERY_S and done < self.total):
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        line = f"gpu_cache: {self.what} {done:,}/{self.total:,} images, {rate:,.0f} img/s, ETA {eta:.0f} s"
-        end = "" if self.tty and done < self.total else "\n"
-        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
-
-
 class GpuCacheLoader(LoaderBase):
     """One split, one rank: the split decoded once onto ``device``; batches augmented there."""
 
@@ -406,7 +385,8 @@ class GpuCacheLoader(LoaderBase):
                     )
             cache = torch.empty((len(positions), 3, H, W), dtype=torch.uint8, device=self.device)
             paths = [self.index.paths[i] for i in positions]
-            self._fill(cache, paths, pool, Progress(len(paths), "decoding", self.shard.rank == 0))
+            with Progress("gpu_cache decode", len(paths), "img", enabled=self.shard.rank == 0) as progress:
+                self._fill(cache, paths, pool, progress)
         return cache
 
     def _fill(
@@ -455,7 +435,7 @@ class GpuCacheLoader(LoaderBase):
             for rows in by_size.values():
                 fitted = self._fit(torch.stack([images[i] for i in rows]))
                 cache[torch.tensor([start + i for i in rows], device=self.device)] = fitted
-            progress.update(start + len(chunk))
+            progress.update(len(chunk))
         if cuda:
             torch.cuda.synchronize(self.device)  # the last chunk's kernels before the decoder is freed
 

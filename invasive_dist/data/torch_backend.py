@@ -15,16 +15,19 @@ loaded 2-core machine). The forkserver is a fresh single-threaded process that i
 once; workers are forked from it. Measured on the 2-core CPU machine (load average ~6), 2 workers,
 first batch of a loader: ``fork`` 0.1-0.2 s; ``forkserver`` 5.5-8 s for the process's first loader
 (starting the server: importing torch and torchvision), 0.2 s for every later one; ``spawn`` 7-11 s
-for every loader (each worker imports torch). Workers reset SIGTERM/SIGUSR1/SIGINT to the default,
-so a signal ends them; only the trainer's main process turns SIGTERM into a checkpoint.
+for every loader (each worker imports torch). Only the trainer's main process turns SIGTERM into a
+checkpoint: a worker ends by itself ``WORKER_SIGNAL_GRACE_S`` (25 s) after a SIGTERM/SIGUSR1, time
+for its rank to finish the step and save (see ``_worker_init``); the forkserver ignores both.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 import multiprocessing.context
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,13 +143,62 @@ def _collate(items):
     return torch.stack(imgs), torch.tensor(labels, dtype=torch.float32), torch.tensor(pos)
 
 
-def _worker_init(worker_id: int) -> None:
-    """Default SIGTERM/SIGUSR1/SIGINT in a worker: only the trainer's main process turns a signal
-    into a checkpoint; a worker that inherited that handler would only set a flag and live on."""
+# A worker outlives a SIGTERM/SIGUSR1 by this long, then ends by itself (see _worker_init): longer
+# than the trainer needs to reach its step boundary (watchdog.SIGNAL_GRACE_S, 20 s, bounds a rank
+# blocked in one wait after a signal), shorter than the 30 s after which torchrun and Slurm
+# (KillWait's default) SIGKILL what is left.
+WORKER_SIGNAL_GRACE_S = 25
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _end_later(signum, frame) -> None:
+    """A worker's SIGTERM/SIGUSR1: SIGALRM's default action ends it after the grace, whatever it
+    is doing then (stuck in a decode, asleep); a second signal does not postpone the end."""
+    left = signal.alarm(0)  # cancels a scheduled end and returns its seconds left (0: none)
+    signal.alarm(left or _worker_grace_s)
+
+
+_worker_grace_s = WORKER_SIGNAL_GRACE_S  # set per worker by _worker_init
+
+
+def _worker_init(grace_s: int, worker_id: int) -> None:
+    """Signals in a decoding worker. A SIGTERM/SIGUSR1 ends it ``grace_s`` seconds later, not at
+    once: Slurm sends SIGTERM to every process of the job step and torchrun to each rank's whole
+    process group, so the trainer and its workers get it together; a worker that died at once would
+    take with it the batch its rank is waiting for, and the rank could not reach the step boundary
+    where it saves (seen: the requeue and SIGTERM tests lost their stop-step checkpoint on a loaded
+    machine). Within the grace the rank finishes its step, saves and exits, and its DataLoader stops
+    the workers; a worker that nobody stops (its rank gone, itself stuck) still ends by itself.
+    The trainer's own handler (which only sets a flag) is never inherited: workers are forked
+    from the forkserver, not from the trainer. SIGINT keeps its default (Ctrl-C ends everything)."""
     del worker_id
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
+    global _worker_grace_s
+    _worker_grace_s = grace_s
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _end_later)
     faults.in_data_worker()
+
+
+def _start_forkserver_shielded() -> None:
+    """Start the forkserver with SIGTERM/SIGUSR1 ignored, a disposition a process keeps across exec:
+    the server is in the rank's process group, and if a launcher's group-wide SIGTERM ended it, its
+    workers would stop serving (they end when their parent does) while the rank still needs a
+    batch to reach its step boundary. It ends when the rank does (it watches a pipe from the rank).
+    A stop signal that arrives in the few milliseconds of this start is lost; that happens while
+    loaders are built, before the trainer handles signals."""
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():
+        forkserver.ensure_running()  # signal handlers can only be changed from the main thread
+        return
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
+    try:
+        forkserver.ensure_running()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -156,6 +208,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
     if START_METHOD == "forkserver":
         # Replaces the default preload (``__main__``): the workers need this module, not the CLI.
         ctx.set_forkserver_preload([__name__])
+        _start_forkserver_shielded()
     return ctx
 
 
@@ -206,7 +259,7 @@ class TorchLoader(LoaderBase):
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers else None,
-            worker_init_fn=_worker_init if workers else None,
+            worker_init_fn=functools.partial(_worker_init, WORKER_SIGNAL_GRACE_S) if workers else None,
             multiprocessing_context=worker_context() if workers else None,
         )
 

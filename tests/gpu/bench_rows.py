@@ -64,10 +64,11 @@ def run_group(args) -> int:
     import torch
 
     from invasive_dist.bench import batch_pool, endless, hardware, parse_backend, verdict
-    from invasive_dist.config import config_from_dict, load_config, to_dict
+    from invasive_dist.build import loader_config
+    from invasive_dist.config import load_config
     from invasive_dist.data import build_loader, resolve_backend
     from invasive_dist.distributed import build_accelerator, world_info_from_env
-    from invasive_dist.train import Trainer
+    from invasive_dist.train import Trainer, build_parts
 
     deadline = time.time() + args.limit_s - 5
     arch, compiled = args.group.split(":")
@@ -76,11 +77,12 @@ def run_group(args) -> int:
     cfg = load_config(
         args.config, [*args.overrides, f"model.arch={arch}", f"train.compile={str(compiled).lower()}"]
     )
-    raw = to_dict(cfg)
-    raw["data"]["backend"] = "torch"  # the model side; each backend builds its own loader below
+    # The model side is the Trainer's train_step, built without loaders (as `invasive-dist bench`
+    # does); each backend builds its own loader below.
     world = world_info_from_env()
-    model_cfg = config_from_dict(raw)
-    trainer = Trainer(model_cfg, build_accelerator(model_cfg, world), world)
+    acc = build_accelerator(cfg, world)
+    parts = build_parts(cfg, acc, world, train_loader=False, val_loader=False)
+    trainer = Trainer(cfg, acc, world, parts)
     trainer.model.train()
     dev = trainer.device
     cuda = dev.type == "cuda"
@@ -99,13 +101,13 @@ def run_group(args) -> int:
         return int(torch.cuda.max_memory_allocated(dev)) if cuda else None
 
     d = cfg.data
-    per_step = d.batch_size * cfg.train.grad_accum
+    per_step = trainer.plan.per_device * trainer.plan.accum
     result = {
         "group": group_name(arch, compiled),
         "settings": {
             "arch": arch,
             "image_size": d.image_size,
-            "batch_size": d.batch_size,
+            "batch_size": trainer.plan.per_device,
             "mixed_precision": cfg.train.mixed_precision,
             "channels_last": trainer.channels_last,
             "compile": compiled,
@@ -129,7 +131,7 @@ def run_group(args) -> int:
     print(f"== {result['group']}: {describe(result)}", flush=True)
     reset_peak()
     t0 = time.perf_counter()
-    pool = batch_pool(4, d.batch_size, d.image_size, dev, trainer.channels_last)
+    pool = batch_pool(4, trainer.plan.per_device, d.image_size, dev, trainer.channels_last)
     batches = itertools.cycle(pool)
 
     def model_step() -> int:
@@ -152,7 +154,8 @@ def run_group(args) -> int:
         row = {"resolved": resolve_backend(name)}
         reset_peak()
         t0 = time.perf_counter()
-        loader = build_loader(trainer.train_idx, bcfg, trainer.shard, dev, True, trainer.channels_last)
+        lcfg = loader_config(bcfg, trainer.plan)
+        loader = build_loader(trainer.train_idx, lcfg, trainer.shard, dev, True, trainer.channels_last)
         row["setup_s"] = time.perf_counter() - t0
         row.update(getattr(loader, "build_info", {}))
         it = endless(loader)

@@ -148,8 +148,10 @@ def test_resume_on_another_process_count_keeps_batch_position_and_schedule(
     launch(work, square_data, init, name, before, *extra, f"train.max_steps={stop}")
     out = launch(work, square_data, init, name, after, "resume=auto")
     accum = g // after
-    assert f"global batch {g} = 1 per device x {after} processes x {accum} accumulation" in out, out[-3000:]
-    assert f"saved by {before} processes, continued on {after}" in out, out[-3000:]
+    procs = "process" if after == 1 else "processes"
+    assert f"global batch {g} = 1 per device x {after} {procs} x {accum} accumulation" in out, out[-3000:]
+    saved_by = f"{before} process" + ("es" if before != 1 else "")
+    assert f"saved by {saved_by}, continued on {after}" in out, out[-3000:]
 
     # Every sample of the interrupted epoch once, in the same optimizer steps as without the move.
     moved, reference = recorded(work, name), recorded(work, ref)

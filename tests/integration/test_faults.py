@@ -430,7 +430,8 @@ def test_data_worker_that_sleeps_forever_ends_the_job_with_rank_and_stack(root, 
     """A DataLoader worker of rank 1 sleeps forever at the start of epoch 2 (its 17th sample:
     epoch 1 gives worker 0 two batches of 8). Rank 1 waits for that batch; past the bound it ends
     with a message naming rank 1, the data wait and the Python stacks; torchrun ends rank 0 and
-    the sleeping worker (workers keep the default SIGTERM). The last checkpoint (step 3) loads."""
+    the sleeping worker (a worker ends WORKER_SIGNAL_GRACE_S after a SIGTERM). The last checkpoint
+    (step 3) loads."""
     t0 = time.monotonic()
     run = Run(
         root,

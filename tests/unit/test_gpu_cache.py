@@ -145,13 +145,14 @@ def test_cache_built_in_chunks_equals_one_image_at_a_time(index, monkeypatch):
     assert torch.equal(loader.images, want)
 
 
-def test_build_reports_time_bytes_and_progress(index, capsys):
+def test_build_reports_time_bytes_and_progress(index, capsys, monkeypatch):
+    monkeypatch.setenv("INVASIVE_DIST_PROGRESS_S", "0")  # a progress line at every chunk, however fast
     loader = GpuCacheLoader(index, cfg(), Shard(0, 2), CPU, True, 0)
     info = loader.build_info
     assert info["cache_images"] == 48 and info["cache_bytes"] == 48 * 3 * 55 * 73
     assert info["cache_build_s"] > 0
     err = capsys.readouterr().err
-    assert "gpu_cache: decoding 48/48 images" in err and "img/s" in err  # stderr is not a TTY here
+    assert "[gpu_cache decode] 48/48 img" in err and "img/s" in err  # stderr is not a TTY here
     assert "built in" in err and "GiB on this rank" in err
     GpuCacheLoader(index, cfg(), Shard(1, 2), CPU, False, 0)  # not the main process: silent
     assert capsys.readouterr().err == ""

@@ -54,17 +54,30 @@ def test_persistent_workers_give_the_batches_of_no_workers_and_start_once(tiny_d
         par.close()
 
 
-def test_a_worker_ends_on_sigterm_while_the_main_process_catches_it(tiny_data):
-    """The trainer turns SIGTERM into a flag; its workers must not inherit that and live on."""
+def test_a_worker_serves_its_rank_through_a_sigterm_then_ends_by_itself(tiny_data, monkeypatch):
+    """The trainer turns SIGTERM into a flag; its workers must not inherit that and live on, nor die
+    at once (Slurm and torchrun signal them together with the trainer, which still needs a batch or
+    two to reach its step boundary): a worker keeps serving for the grace, then ends by itself."""
+    from invasive_dist.data import torch_backend
+
+    grace = 8  # 25 s in use; long enough here for the epoch's last batches on a loaded machine
+    monkeypatch.setattr(torch_backend, "WORKER_SIGNAL_GRACE_S", grace)
     caught = []
     old = signal.signal(signal.SIGTERM, lambda *a: caught.append(1))
     loader = _loader(tiny_data, 2)
     try:
-        next(loader.iter_epoch(0))
-        worker = loader.loader._iterator._workers[0]
-        os.kill(worker.pid, signal.SIGTERM)
-        worker.join(timeout=10)
-        assert worker.exitcode == -signal.SIGTERM, f"worker exit code {worker.exitcode}"
+        it = loader.iter_epoch(0)
+        got = [next(it), next(it)]  # one batch from each worker: both are past their start-up
+        workers = list(loader.loader._iterator._workers)
+        t0 = time.monotonic()
+        for w in workers:
+            os.kill(w.pid, signal.SIGTERM)
+        rest = list(it)  # the epoch's remaining batches still arrive
+        assert len(got) + len(rest) == loader.steps_per_epoch
+        for w in workers:
+            w.join(timeout=30)
+            assert w.exitcode == -signal.SIGALRM, f"worker exit code {w.exitcode}"
+        assert time.monotonic() - t0 >= grace - 0.5, "a worker ended before its grace"
         assert caught == []
     finally:
         signal.signal(signal.SIGTERM, old)
