@@ -11,6 +11,11 @@
 directory is ``--run-dir`` everywhere: torchrun's own parser reads every argument and rejects ``--run``
 as an ambiguous abbreviation of its ``--run-path`` (``--run`` still works without a launcher).
 User errors print one message and exit 2; a run stopped by SIGTERM/SIGUSR1 saves and exits 143.
+
+Every command's parser is declared here, in ``build_parser`` (one place for flags, help texts and
+``EXAMPLES``); each sets ``fn``, the command's ``cmd_*(args) -> exit status``: the small ones are
+below, ``cmd_cv``, ``cmd_analyze`` and ``cmd_bench`` live in their modules. A new command adds
+its parser to ``build_parser`` and its example to ``EXAMPLES``.
 """
 
 from __future__ import annotations
