@@ -28,11 +28,11 @@ from .cv import fold_oof_for_run, oof_is_fresh
 from .distributed import accelerator_from_env
 from .errors import UserError
 from .files import write_json
-from .metrics import confusion, roc_auc, roc_curve, youden_threshold
+from .metrics import confusion, roc_auc, youden_threshold
 from .plots import draw_confusion, draw_roc, draw_wrong_grid, roc_curves_for
 from .predict import is_cv_dir, load_run_config
 
-__all__ = ["analyze_predictions", "analyze_run", "roc_curve", "youden_threshold"]
+__all__ = ["analyze_predictions", "analyze_run", "cmd_analyze"]
 
 
 # ----------------------------------------------------------------------------------------------
