@@ -25,14 +25,14 @@ from pathlib import Path
 import pandas as pd
 
 from .cv import fold_oof_for_run, oof_is_fresh
-from .distributed import build_accelerator, world_info_from_env
+from .distributed import accelerator_from_env
 from .errors import UserError
 from .files import write_json
-from .metrics import confusion, roc_auc, roc_curve, youden_threshold
+from .metrics import confusion, roc_auc, youden_threshold
 from .plots import draw_confusion, draw_roc, draw_wrong_grid, roc_curves_for
 from .predict import is_cv_dir, load_run_config
 
-__all__ = ["analyze_predictions", "analyze_run", "roc_curve", "youden_threshold"]
+__all__ = ["analyze_predictions", "analyze_run", "cmd_analyze"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def cmd_analyze(args) -> int:
     if not is_cv_dir(run_dir):
         if not oof_is_fresh(run_dir):
             cfg = load_run_config(run_dir)
-            acc = build_accelerator(cfg, world_info_from_env())
+            acc, _ = accelerator_from_env(cfg)
     summary = analyze_run(
         run_dir,
         acc,
@@ -169,22 +169,3 @@ def cmd_analyze(args) -> int:
         )
         print(f"wrote {out}/roc.png, confusion.png, wrong.png, analysis.json")
     return 0
-
-
-def add_subcommand(subparsers) -> None:
-    """Register ``invasive-dist analyze`` on the CLI's subparsers."""
-    s = subparsers.add_parser(
-        "analyze", help="ROC curve, confusion matrix and worst images of a run or CV dir"
-    )
-    s.add_argument(
-        "--run-dir",  # first: torchrun's parser rejects --run (its --run-path)
-        "--run",
-        dest="run",
-        required=True,
-        help="a training run or a CV directory (invasive-dist cv)",
-    )
-    s.add_argument("--threshold", default="0.5", help="a probability in [0, 1], or 'youden' (default 0.5)")
-    s.add_argument("--n-wrong", type=int, default=16, help="images in wrong.png (default 16)")
-    s.add_argument("--out", default=None, help="output folder (default RUN/analysis)")
-    s.add_argument("--data", default=None, help="data folder, if it moved since training")
-    s.set_defaults(fn=cmd_analyze)

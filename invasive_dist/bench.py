@@ -32,7 +32,6 @@ What this code has measured, on which device and with which command, is in docs/
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import itertools
@@ -403,25 +402,3 @@ def cmd_bench(args) -> int:
     cfg = load_config(args.config, args.overrides)
     result = run_bench(cfg, args.backend, args.steps, args.warmup, Path(args.out) if args.out else None)
     return 1 if result["failed"] else 0
-
-
-def add_subcommand(subparsers) -> argparse.ArgumentParser:
-    """Register ``bench`` on the CLI's subparsers (``cli.build_parser``)."""
-    s = subparsers.add_parser(
-        "bench", help="input pipeline vs training step vs both: what bounds the loop (writes bench.json)"
-    )
-    s.add_argument("--config", default=None, help="YAML config (e.g. configs/bench_r50.yaml)")
-    s.add_argument(
-        "--backend",
-        action="append",
-        default=None,
-        metavar="NAME[:KEY=VALUE,...]",
-        help=f"data backend ({', '.join(('auto', *BACKENDS))}), optionally with data.* settings, "
-        "e.g. dali:dali_hw_decoder_load=1.0; repeat to compare (default: data.backend)",
-    )
-    s.add_argument("--steps", type=int, default=30, help="measured steps of each figure (default 30)")
-    s.add_argument("--warmup", type=int, default=5, help="unmeasured steps before each (default 5)")
-    s.add_argument("--out", default=None, help="folder for bench.json (default: the run directory)")
-    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.compile=true")
-    s.set_defaults(fn=cmd_bench)
-    return s

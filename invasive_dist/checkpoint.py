@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 
 from .errors import UserError
 
@@ -120,8 +121,6 @@ def refuse_mixed_run(run_dir: Path, resume: str, accelerator=None) -> None:
     The main process decides and broadcasts, so ranks agree even while it creates the run's files."""
     problem = [mixed_run_problem(run_dir, resume)]
     if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         broadcast_object_list(problem, from_process=0)
     if problem[0]:
         raise UserError(problem[0])
@@ -159,9 +158,6 @@ class Checkpointer:
                 continue
             stale.unlink(missing_ok=True)
         return path
-
-    def save_best(self, state: dict) -> None:
-        atomic_torch_save(state, self.best)
 
     def resolve(self, resume: str) -> Path | None:
         """The checkpoint that ``resume`` names: '' -> None, 'auto' -> last (if any), else a path."""

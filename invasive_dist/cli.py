@@ -11,6 +11,11 @@
 directory is ``--run-dir`` everywhere: torchrun's own parser reads every argument and rejects ``--run``
 as an ambiguous abbreviation of its ``--run-path`` (``--run`` still works without a launcher).
 User errors print one message and exit 2; a run stopped by SIGTERM/SIGUSR1 saves and exits 143.
+
+Every command's parser is declared here, in ``build_parser`` (one place for flags, help texts and
+``EXAMPLES``); each sets ``fn``, the command's ``cmd_*(args) -> exit status``: the small ones are
+below, ``cmd_cv``, ``cmd_analyze`` and ``cmd_bench`` live in their modules. A new command adds
+its parser to ``build_parser`` and its example to ``EXAMPLES``.
 """
 
 from __future__ import annotations
@@ -19,10 +24,28 @@ import argparse
 import dataclasses
 import json
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import pandas as pd
+import torch.distributed as dist
+import yaml
+
 from . import __version__
+from .analysis import cmd_analyze
+from .bench import cmd_bench
+from .checkpoint import refuse_mixed_run
+from .config import Config, describe, field_comments, load_config
+from .cv import cmd_cv
+from .data import BACKENDS
+from .data.check import check_data
+from .data.synth import synthesize
+from .distributed import accelerator_from_env
+from .eda import run_eda
 from .errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
+from .metrics import read_metrics, roc_auc
+from .predict import load_run_config, predict_run
+from .train import Trainer, build_parts, resume_source
 
 # Shown under each command's --help.
 EXAMPLES = {
@@ -77,8 +100,6 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def cmd_synth(args) -> int:
-    from .data.synth import synthesize
-
     summary = synthesize(
         Path(args.out),
         n_train=args.n_train,
@@ -102,36 +123,21 @@ def _data_dir(text: str) -> Path:
 
 
 def cmd_check_data(args) -> int:
-    from .data.check import check_data
-
     report = check_data(_data_dir(args.data), args.labels_csv)
     print(report.format())
     return 0 if report.ok else 1
 
 
 def cmd_eda(args) -> int:
-    from .eda import run_eda
-
     summary = run_eda(_data_dir(args.data), Path(args.out), labels_csv=args.labels_csv)
     print(json.dumps(summary, indent=2))
     print(f"EDA written to {args.out}")
     return 0
 
 
-def _accelerator(cfg):
-    from .distributed import build_accelerator, world_info_from_env
-
-    world = world_info_from_env()
-    return build_accelerator(cfg, world), world
-
-
 def cmd_train(args) -> int:
-    from .checkpoint import refuse_mixed_run
-    from .config import load_config
-    from .train import Trainer, build_parts, resume_source
-
     cfg = load_config(args.config, args.overrides)
-    acc, world = _accelerator(cfg)
+    acc, world = accelerator_from_env(cfg)
     # Refuse a second run into a run's folder before the data check and the model build (the
     # Trainer checks again); a restarted worker or requeued job resumes, as Trainer.fit does.
     refuse_mixed_run(cfg.run_dir, resume_source(cfg, world), acc)
@@ -149,8 +155,6 @@ def cmd_train(args) -> int:
 
 def _best_line(run_dir: Path, epochs: int) -> str:
     """``best val/auc 0.9941 at epoch 2 of 8; ...`` from the run's metrics (one run per folder)."""
-    from .metrics import read_metrics
-
     val = [r for r in read_metrics(run_dir) if "val/auc" in r]
     if not val:
         return f"no validation result yet; run directory {run_dir}"
@@ -162,8 +166,6 @@ def _best_line(run_dir: Path, epochs: int) -> str:
 
 
 def cmd_config(args) -> int:
-    from .config import describe, load_config
-
     cfg = load_config(args.config, args.overrides)
     print(f"# resolved config: {args.config or 'defaults'}" + "".join(f" {o}" for o in args.overrides))
     print(describe(cfg), end="")
@@ -171,14 +173,9 @@ def cmd_config(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from accelerate import Accelerator
-
-    from .predict import load_run_config, predict_run
-
     cfg = load_run_config(Path(args.run), args.overrides)
     data = _data_dir(args.data)
-    acc, _ = _accelerator(cfg)
-    assert isinstance(acc, Accelerator)
+    acc, _ = accelerator_from_env(cfg)
     out = predict_run(Path(args.run), data, acc, Path(args.out) if args.out else None, tuple(args.overrides))
     if acc.is_main_process:
         print(f"wrote {out}")
@@ -187,11 +184,6 @@ def cmd_predict(args) -> int:
 
 def _hidden_test_auc(run: Path) -> float | None:
     """A synthetic set keeps its test labels in test_labels_hidden.csv: score the submission."""
-    import pandas as pd
-    import yaml
-
-    from .metrics import roc_auc
-
     try:
         root = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["root"])
         truth = pd.read_csv(root / "test_labels_hidden.csv", dtype={"name": str})
@@ -205,8 +197,6 @@ def _hidden_test_auc(run: Path) -> float | None:
 
 
 def cmd_report(args) -> int:
-    from .metrics import read_metrics
-
     run = Path(args.run)
     rows = read_metrics(run)
     # A folder written before runs refused to mix may hold several runs: summarise the last one.
@@ -308,11 +298,69 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key.path=value", help="dotted overrides, e.g. optim.lr=1e-3"
     )
     s.set_defaults(fn=cmd_config)
-    from . import analysis, bench, cv
 
-    cv.add_subcommand(sub)
-    analysis.add_subcommand(sub)
-    bench.add_subcommand(sub)
+    s = sub.add_parser(
+        "cv", help="k-fold cross-validation: train every fold, out-of-fold predictions, pseudo-labels"
+    )
+    s.add_argument("--config", default=None, help="YAML config (configs/*.yaml)")
+    s.add_argument(
+        "--only-fold", type=int, default=None, metavar="K", help="train fold K only (Slurm arrays)"
+    )
+    s.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: score finished folds without oof.csv, write oof.csv/cv.json/roc.png",
+    )
+    s.add_argument(
+        "--run-dir",  # first: torchrun's parser rejects --run (its --run-path)
+        "--run",
+        dest="run",
+        default=None,
+        help="with --collect: the CV directory (default from --config)",
+    )
+    s.add_argument("--data", default=None, help="with --collect: the data folder, if it moved since training")
+    s.add_argument(
+        "--pseudo-rounds",
+        type=int,
+        default=0,
+        help="rounds retrained with pseudo-labelled test images (default 0)",
+    )
+    s.add_argument("--pseudo-low", type=float, default=0.05, help="test images with p <= this get label 0")
+    s.add_argument("--pseudo-high", type=float, default=0.95, help="test images with p >= this get label 1")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 data.n_folds=5")
+    s.set_defaults(fn=cmd_cv)
+
+    s = sub.add_parser("analyze", help="ROC curve, confusion matrix and worst images of a run or CV dir")
+    s.add_argument(
+        "--run-dir",  # first: torchrun's parser rejects --run (its --run-path)
+        "--run",
+        dest="run",
+        required=True,
+        help="a training run or a CV directory (invasive-dist cv)",
+    )
+    s.add_argument("--threshold", default="0.5", help="a probability in [0, 1], or 'youden' (default 0.5)")
+    s.add_argument("--n-wrong", type=int, default=16, help="images in wrong.png (default 16)")
+    s.add_argument("--out", default=None, help="output folder (default RUN/analysis)")
+    s.add_argument("--data", default=None, help="data folder, if it moved since training")
+    s.set_defaults(fn=cmd_analyze)
+
+    s = sub.add_parser(
+        "bench", help="input pipeline vs training step vs both: what bounds the loop (writes bench.json)"
+    )
+    s.add_argument("--config", default=None, help="YAML config (e.g. configs/bench_r50.yaml)")
+    s.add_argument(
+        "--backend",
+        action="append",
+        default=None,
+        metavar="NAME[:KEY=VALUE,...]",
+        help=f"data backend ({', '.join(('auto', *BACKENDS))}), optionally with data.* settings, "
+        "e.g. dali:dali_hw_decoder_load=1.0; repeat to compare (default: data.backend)",
+    )
+    s.add_argument("--steps", type=int, default=30, help="measured steps of each figure (default 30)")
+    s.add_argument("--warmup", type=int, default=5, help="unmeasured steps before each (default 5)")
+    s.add_argument("--out", default=None, help="folder for bench.json (default: the run directory)")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.compile=true")
+    s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("report", help="summarize a finished run: val AUC and where its outputs are")
     s.add_argument(
@@ -326,8 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     parts = [f"invasive-dist {__version__}"]
     for dist_name in ("torch", "torchvision", "accelerate", "nvidia-dali-cuda130", "nvidia-dali-cuda120"):
         try:
@@ -339,8 +385,6 @@ def _version() -> str:
 
 def _unknown_option_hint(parser: argparse.ArgumentParser, extras: list[str], argv: list[str]) -> str:
     """``--train.epochs=3`` or ``--tta dihedral``: point at the key=value override that was meant."""
-    from .config import Config, field_comments
-
     keys: dict[str, list[str]] = {}  # last part -> dotted keys
     for section in dataclasses.fields(Config):
         sub = getattr(Config(), section.name)
@@ -391,8 +435,6 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted:
         return EXIT_PREEMPTED
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

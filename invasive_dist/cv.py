@@ -52,7 +52,7 @@ import torch
 
 from .build import Data, build_data, channels_last_on, resolve_batch
 from .config import Config, load_config, to_dict
-from .distributed import build_accelerator, world_info_from_env
+from .distributed import accelerator_from_env, build_accelerator, world_info_from_env
 from .errors import UserError
 from .files import atomic_write, write_json
 from .metrics import read_metrics, roc_auc
@@ -460,11 +460,6 @@ def _check_pseudo_args(args) -> None:
         )
 
 
-def _accelerator(cfg: Config):
-    world = world_info_from_env()
-    return build_accelerator(cfg, world), world
-
-
 def cmd_collect(args) -> int:
     if args.run:
         cv_dir = Path(args.run)
@@ -478,7 +473,7 @@ def cmd_collect(args) -> int:
         raise UserError(f"{cv_dir} holds no fold<k>/ runs; train them first (invasive-dist cv --config ...)")
     cfg = load_run_config(cv_dir)
     n = cfg.data.n_folds
-    acc, world = _accelerator(cfg)
+    acc, world = accelerator_from_env(cfg)
     collect_folds(cv_dir, n, acc, world, Path(args.data) if args.data else None)
     m = ROUND_DIR_RE.match(cv_dir.name)
     r, cv_root = (int(m.group(1)), cv_dir.parent) if m else (1, cv_dir)
@@ -509,7 +504,7 @@ def cmd_cv(args) -> int:
             "--pseudo-rounds needs every fold of the round: train the folds (e.g. the Slurm array), then "
             "`invasive-dist cv --collect --run-dir CV_DIR --pseudo-rounds 1` writes the pseudo-labels"
         )
-    acc, world = _accelerator(cfg)
+    acc, world = accelerator_from_env(cfg)
     n = cfg.data.n_folds
     # output.name=NAME/round2 continues the rounds of NAME (e.g. after `cv --collect --pseudo-rounds 1`).
     m = ROUND_DIR_RE.match(Path(cv_name).name)
@@ -549,37 +544,3 @@ def cmd_cv(args) -> int:
                 break
     _print(acc, f"[cv] done; predict with: invasive-dist predict --run-dir {rdir} --data {cfg.data.root}")
     return 0
-
-
-def add_subcommand(subparsers) -> None:
-    """Register ``invasive-dist cv`` on the CLI's subparsers."""
-    s = subparsers.add_parser(
-        "cv", help="k-fold cross-validation: train every fold, out-of-fold predictions, pseudo-labels"
-    )
-    s.add_argument("--config", default=None, help="YAML config (configs/*.yaml)")
-    s.add_argument(
-        "--only-fold", type=int, default=None, metavar="K", help="train fold K only (Slurm arrays)"
-    )
-    s.add_argument(
-        "--collect",
-        action="store_true",
-        help="train nothing: score finished folds without oof.csv, write oof.csv/cv.json/roc.png",
-    )
-    s.add_argument(
-        "--run-dir",  # first: torchrun's parser rejects --run (its --run-path)
-        "--run",
-        dest="run",
-        default=None,
-        help="with --collect: the CV directory (default from --config)",
-    )
-    s.add_argument("--data", default=None, help="with --collect: the data folder, if it moved since training")
-    s.add_argument(
-        "--pseudo-rounds",
-        type=int,
-        default=0,
-        help="rounds retrained with pseudo-labelled test images (default 0)",
-    )
-    s.add_argument("--pseudo-low", type=float, default=0.05, help="test images with p <= this get label 0")
-    s.add_argument("--pseudo-high", type=float, default=0.95, help="test images with p >= this get label 1")
-    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 data.n_folds=5")
-    s.set_defaults(fn=cmd_cv)

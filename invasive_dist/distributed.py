@@ -2,6 +2,7 @@
 
     world = world_info_from_env()
     accelerator = build_accelerator(cfg, world)
+    accelerator, world = accelerator_from_env(cfg)   # the two in one call (what commands use)
 
 Launchers: plain ``python`` (one process), ``torchrun`` (single- or multi-node, c10d rendezvous),
 ``accelerate launch`` (which sets the same RANK/WORLD_SIZE/LOCAL_RANK variables), and Slurm
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from .errors import UserError
 
@@ -36,10 +39,6 @@ class WorldInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def num_nodes(self) -> int:
-        return max(1, self.world_size // max(1, self.local_world_size))
 
 
 def _int(env: Mapping[str, str], key: str, default: int) -> int:
@@ -100,11 +99,8 @@ def check_precision(mixed_precision: str, use_cuda: bool) -> None:
         raise UserError(f"train.mixed_precision=bf16: {name} has no bf16 support; use fp16")
 
 
-def build_accelerator(cfg, world: WorldInfo):
+def build_accelerator(cfg, world: WorldInfo) -> Accelerator:
     """Accelerator with the backend, collective timeout and precision of ``cfg``."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
     use_cuda = torch.cuda.is_available()
     check_precision(cfg.train.mixed_precision, use_cuda)
     # ResNets use every parameter each step; searching for unused ones costs a graph walk.
@@ -118,3 +114,9 @@ def build_accelerator(cfg, world: WorldInfo):
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
     )
+
+
+def accelerator_from_env(cfg) -> tuple[Accelerator, WorldInfo]:
+    """The world this process was launched into, and the Accelerator built for it (each command's start)."""
+    world = world_info_from_env()
+    return build_accelerator(cfg, world), world

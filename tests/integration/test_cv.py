@@ -15,16 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
-from torch import nn
 
-from invasive_dist.analysis import roc_curve, youden_threshold
 from invasive_dist.cli import main
 from invasive_dist.data.kaggle import read_labels, stratified_folds
-from invasive_dist.errors import UserError
 from invasive_dist.metrics import roc_auc
-from invasive_dist.predict import combine, ensemble_files, tta_probs, tta_views
 
 from ..conftest import ROOT
 from ..procs import clean_env
@@ -266,76 +261,7 @@ def test_cv_refuses_pseudo_rounds_for_one_fold(tiny_data, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# TTA and ensembles
-
-
-def test_dihedral_views_are_the_8_distinct_symmetries():
-    img = torch.arange(3 * 5 * 5, dtype=torch.float32).reshape(1, 3, 5, 5)  # no symmetry at all
-    views = tta_views(img, "dihedral")
-    assert len(views) == 8
-    flat = {tuple(v.flatten().tolist()) for v in views}
-    assert len(flat) == 8
-    assert torch.equal(views[0], img)
-    # Closed under the group: a flip or rotation of any view is another view.
-    for v in views:
-        assert tuple(v.flip(-1).flatten().tolist()) in flat
-        assert tuple(torch.rot90(v, 1, dims=(-2, -1)).flatten().tolist()) in flat
-    assert len({tuple(v.flatten().tolist()) for v in tta_views(img, "flips")}) == 4
-    with pytest.raises(UserError):
-        tta_views(img, "d4")
-
-
-def test_tta_leaves_an_invariant_model_unchanged():
-    torch.manual_seed(0)
-    # A per-pixel function followed by global average pooling: invariant to any pixel permutation.
-    invariant = nn.Sequential(
-        nn.Conv2d(3, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1)
-    )
-    x = torch.randn(5, 3, 16, 16)
-    ref = tta_probs(invariant, x, "none")
-    assert ref.shape == (5,)
-    for mode in ("flips", "dihedral"):
-        torch.testing.assert_close(tta_probs(invariant, x, mode), ref, rtol=0, atol=1e-6)
-    # ...while a model that sees positions does change, so the views really differ.
-    positional = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 1))
-    assert not torch.allclose(tta_probs(positional, x, "dihedral"), tta_probs(positional, x, "none"))
-    # Non-square batches: flips stack, dihedral views are scored one shape at a time.
-    wide = torch.randn(2, 3, 8, 12)
-    torch.testing.assert_close(
-        tta_probs(invariant, wide, "dihedral"), tta_probs(invariant, wide, "none"), atol=1e-6, rtol=0
-    )
-
-
-def test_ensemble_files_mean_and_rank_mean(tmp_path):
-    a, b, c = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"
-    a.write_text("name,invasive\n1,0.1\n2,0.4\n3,0.9\n")
-    b.write_text("name,invasive\r\n1,0.3\r\n2,0.2\r\n3,0.8\r\n")  # CRLF like Kaggle's files
-    mean = ensemble_files([a, b], "mean")
-    assert list(mean["name"]) == ["1", "2", "3"]
-    np.testing.assert_allclose(mean["invasive"], [0.2, 0.3, 0.85])
-    # Ranks scaled to [0, 1]: a -> 0, .5, 1 and b -> .5, 0, 1.
-    np.testing.assert_allclose(ensemble_files([a, b], "rank_mean")["invasive"], [0.25, 0.25, 1.0])
-    np.testing.assert_allclose(combine(np.array([[0.2, 0.2, 0.7]]), "rank_mean"), [0.25, 0.25, 1.0])
-    c.write_text("name,invasive\n1,0.1\n3,0.9\n2,0.4\n")
-    with pytest.raises(UserError, match=r"c\.csv.*row 3"):
-        ensemble_files([a, c], "mean")
-    with pytest.raises(UserError, match="rank_mean"):
-        ensemble_files([a, b], "median")
-
-
-# ----------------------------------------------------------------------------------------------
 # Analysis
-
-
-def test_roc_curve_and_youden():
-    y = np.array([0, 0, 1, 1, 0, 1])
-    s = np.array([0.1, 0.4, 0.35, 0.8, 0.4, 0.9])
-    fpr, tpr, thr = roc_curve(y, s)
-    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
-    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(y, s))
-    t = youden_threshold(y, s)
-    pred = s >= t
-    assert (pred & (y == 1)).sum() / 3 - (pred & (y == 0)).sum() / 3 == pytest.approx(max(tpr - fpr))
 
 
 def test_analyze_writes_pngs_for_cv_dir_and_single_run(cv_run, tmp_path):

@@ -132,34 +132,3 @@ def test_bench_config_error_is_a_user_error(tiny_data, tmp_path, capsys):
     assert main(["bench", "--backend", "pil", f"data.root={tiny_data}", f"output.root={tmp_path}"]) == 2
     assert "'pil' is not one of" in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate keeps one precision per process; this test uses bf16, the CPU tests "no"."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_bench_cuda(tiny_data, tmp_path, fresh_accelerate_state):
-    rc, result = _bench(
-        tiny_data,
-        tmp_path,
-        "synthetic",
-        "torch",
-        "gpu_cache",
-        steps=10,
-        warmup=3,
-        extra=["train.mixed_precision=bf16", "model.channels_last=true"],
-    )
-    assert rc == 0, result
-    hw, s = result["hardware"], result["settings"]
-    assert hw["gpu"] and hw["gpu_memory_bytes"] > 0 and hw["cuda"]
-    assert s["channels_last"] is True and s["mixed_precision"] == "bf16"
-    for r in result["rows"]:
-        assert r["e2e_img_per_s"] <= 1.25 * min(r["input_img_per_s"], r["model_img_per_s"]), r

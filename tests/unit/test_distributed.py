@@ -20,7 +20,7 @@ def test_torchrun_env():
         "TORCHELASTIC_RESTART_COUNT": "2",
     }
     w = world_info_from_env(env)
-    assert (w.rank, w.local_rank, w.world_size, w.node_rank, w.num_nodes) == (3, 1, 4, 1, 2)
+    assert (w.rank, w.local_rank, w.world_size, w.node_rank, w.local_world_size) == (3, 1, 4, 1, 2)
     assert w.launcher == "torchrun" and w.restart_count == 2 and not w.is_main
 
 

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from invasive_dist.metrics import MetricsWriter, StepTimer, read_metrics, roc_auc
+from invasive_dist.metrics import MetricsWriter, StepTimer, read_metrics, roc_auc, roc_curve, youden_threshold
 
 
 def brute_auc(labels, scores):
@@ -77,3 +77,14 @@ def test_step_timer_accounts_data_wait():
     assert m["perf/img_per_s_per_device"] == pytest.approx(24 / 0.09)
     assert m["perf/img_per_s"] == pytest.approx(2 * m["perf/img_per_s_per_device"])
     assert m["perf/world_size"] == 2
+
+
+def test_roc_curve_and_youden():
+    y = np.array([0, 0, 1, 1, 0, 1])
+    s = np.array([0.1, 0.4, 0.35, 0.8, 0.4, 0.9])
+    fpr, tpr, thr = roc_curve(y, s)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(y, s))
+    t = youden_threshold(y, s)
+    pred = s >= t
+    assert (pred & (y == 1)).sum() / 3 - (pred & (y == 0)).sum() / 3 == pytest.approx(max(tpr - fpr))

@@ -2,8 +2,8 @@
 the promise that logging every N steps reads the device once per N steps, not every step.
 
 One short training run (2 epochs x 6 steps, log_every=4, mixup, profiler window wait=1 warmup=1
-active=2) serves the checks; it takes about 10 s on 2 idle cores. The tests marked ``gpu`` repeat
-the promises on a CUDA device (tests/gpu_check.sh), where a host read is a real device sync.
+active=2) serves the checks; it takes about 10 s on 2 idle cores. tests/gpu/test_gpu_observability.py
+repeats the promises on a CUDA device (tests/gpu_check.sh), where a host read is a real device sync.
 """
 
 from __future__ import annotations
@@ -217,86 +217,3 @@ def test_profiler_writes_a_window_cut_short_by_the_end_of_the_run(tmp_path):
     assert len(prof.trace_paths) == 1
     events = json.loads(prof.trace_paths[0].read_text())["traceEvents"]
     assert sum(e.get("name") == "forward" and e.get("ph") == "X" for e in events) == 2
-
-
-# ----------------------------------------------------------------------------------------------
-# On a CUDA device (tests/gpu_check.sh): the same promises where a host read really is a sync.
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate keeps one precision per process; these tests use bf16, the CPU tests "no"."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize(
-    "extra",
-    [
-        pytest.param([], id="plain"),
-        pytest.param(["train.mixup_alpha=0.2"], id="mixup"),  # the permutation is copied to the device
-        pytest.param(["train.cutmix_alpha=1.0"], id="cutmix"),
-    ],
-)
-def test_cuda_train_step_does_not_sync(tiny_data, tmp_path, fresh_accelerate_state, extra):
-    import itertools
-
-    from invasive_dist.bench import batch_pool
-    from invasive_dist.config import load_config
-    from invasive_dist.distributed import WorldInfo, build_accelerator
-
-    cfg = load_config(
-        None,
-        [
-            *FAST_TRAIN,
-            f"data.root={tiny_data}",
-            f"output.root={tmp_path}",
-            "train.mixed_precision=bf16",
-            "model.channels_last=true",
-            *extra,
-        ],
-    )
-    world = WorldInfo()
-    trainer = train_mod.Trainer(cfg, build_accelerator(cfg, world), world)
-    assert trainer.device.type == "cuda" and trainer.channels_last
-    batches = itertools.cycle(batch_pool(2, 8, 64, trainer.device, channels_last=True))
-    for _ in range(3):  # library handles, the allocator's first blocks, the optimizer state
-        trainer.train_step(lambda: next(batches))
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call raises
-    try:
-        for _ in range(5):
-            loss, gnorm, bad = trainer.train_step(lambda: next(batches))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert loss.is_cuda and gnorm.is_cuda and bad.is_cuda and bad.item() == 0
-
-
-@pytest.mark.gpu
-@cuda
-def test_cuda_trace_has_kernels_and_ranges(tiny_data, tmp_path, fresh_accelerate_state):
-    argv = [
-        "train",
-        *FAST_TRAIN,
-        f"data.root={tiny_data}",
-        f"output.root={tmp_path}",
-        "output.name=gpu",
-        "train.epochs=1",
-        "train.mixed_precision=bf16",
-        "profile.enabled=true",
-        "profile.wait=1",
-        "profile.warmup=1",
-        "profile.active=2",
-    ]
-    assert main(argv) == 0
-    (trace,) = (tmp_path / "gpu" / "profile").glob("rank0.*.json")
-    events = json.loads(trace.read_text())["traceEvents"]
-    assert {"data", "forward", "backward", "optimizer"} <= {e.get("name") for e in events}
-    assert any(e.get("cat") == "kernel" for e in events), "no GPU kernels in the trace"
