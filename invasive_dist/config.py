@@ -41,7 +41,7 @@ class DataConfig:
     fold: int = 0  # the fold used for validation (0 <= fold < n_folds)
     limit: int = 0  # use only the first N labelled images (0 = all); for quick experiments
     image_size: int | list[int] = 224  # model input: one side (square) or [height, width]
-    eval_geometry: Literal["center_crop", "full"] = "center_crop"  # eval/predict view: see docs
+    eval_geometry: Literal["center_crop", "full"] = "full"  # eval/predict: whole frame, or center_crop
     eval_crop_pct: float = 0.875  # eval center_crop: the crop's share of the resized image
     scale_min: float = 0.35  # train: random-resized-crop area fraction lower bound
     hflip: bool = True  # train: random horizontal flip
@@ -421,10 +421,15 @@ def to_dict(cfg: Config) -> dict:
 def field_comments(cls: type) -> dict[str, str]:
     """The ``# comment`` of each field line of a config dataclass (its documentation)."""
     comments = {}
-    for line in inspect.getsource(cls).splitlines():
+    lines = inspect.getsource(cls).splitlines()
+    for i, line in enumerate(lines):
         m = re.match(r"^\s+(\w+): [^#]*#\s*(.*)$", line)
         if m:
             comments[m.group(1)] = m.group(2).strip()
+        # A default that ruff wraps in parentheses: the comment is on the line after "= (".
+        m = re.match(r"^\s+(\w+): [^#]*= \($", line)
+        if m and i + 1 < len(lines) and "#" in lines[i + 1]:
+            comments[m.group(1)] = lines[i + 1].split("#", 1)[1].strip()
     return comments
 
 

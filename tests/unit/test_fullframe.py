@@ -9,6 +9,8 @@ frame's border, which a centre crop never shows) differs more (``FULL_DALI_MEAN_
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -236,3 +238,23 @@ def test_edge_placed_flower_heads_are_near_the_sides():
         sides += m[:, : int(0.25 * 192)].sum() + m[:, int(0.75 * 192) :].sum()
         middle += m[:, int(0.25 * 192) : int(0.75 * 192)].sum()
     assert sides > 5 * middle, (sides, middle)
+
+
+def test_bench_reports_a_height_width_size(tiny_data, tmp_path, capsys):
+    from invasive_dist.cli import main
+
+    from ..conftest import FAST_TRAIN
+
+    argv = ["bench", "--steps", "3", "--warmup", "1", "--out", str(tmp_path), "--backend", "torch"]
+    argv += [*FAST_TRAIN, f"data.root={tiny_data}", f"output.root={tmp_path}", "data.image_size=[32, 48]"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as tests/unit/test_bench.py: spinning OpenMP threads on 2 shared cores
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["settings"]["image_size"] == [32, 48] and result["model_img_per_s"] > 0
+    row = result["rows"][0]
+    assert row["error"] is None and row["input_img_per_s"] > 0 and row["e2e_img_per_s"] > 0
+    assert "resnet18 32x48px batch" in capsys.readouterr().out
