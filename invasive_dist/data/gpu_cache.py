@@ -24,7 +24,7 @@ kept in ``build_info``.
 What is stored:
 
 - train: every image of the split resized to one (H, W) whose shorter side is
-  ``data.cache_short_side``, or when 0 ``max(ceil(image_size / sqrt(scale_min)), eval resize size)``
+  ``data.cache_short_side``, or when 0 ``max(ceil(image_size / sqrt(scale_min)), round(image_size / eval_crop_pct))``
   = 379 for 224 / 0.35: the smallest random-resized crop (area ``scale_min`` of the image, aspect 1)
   is then still at least image_size pixels wide, so crops are (nearly) never upsampled. (H, W)
   follow the most common image size's aspect; an image of another aspect is center-cropped to that
