@@ -41,7 +41,7 @@ class DataConfig:
     fold: int = 0  # the fold used for validation (0 <= fold < n_folds)
     limit: int = 0  # use only the first N labelled images (0 = all); for quick experiments
     image_size: int | list[int] = 224  # model input: one side (square) or [height, width]
-    eval_geometry: Literal["center_crop", "full"] = "full"  # eval/predict: whole frame, or center_crop
+    eval_geometry: Literal["center_crop", "full"] = "full"  # eval/predict: the whole frame, or center_crop
     eval_crop_pct: float = 0.875  # eval center_crop: the crop's share of the resized image
     scale_min: float = 0.35  # train: random-resized-crop area fraction lower bound
     hflip: bool = True  # train: random horizontal flip
