@@ -258,3 +258,34 @@ def test_bench_reports_a_height_width_size(tiny_data, tmp_path, capsys):
     row = result["rows"][0]
     assert row["error"] is None and row["input_img_per_s"] > 0 and row["e2e_img_per_s"] > 0
     assert "resnet18 32x48px batch" in capsys.readouterr().out
+
+
+@needs_dali
+def test_dali_training_images_of_a_height_width_size_are_the_drawn_crops(index):
+    """Each DALI training image at [24, 32] is its drawn box resized to 24x32, flipped and turned
+    (0 or 180 degrees) as torchvision does it; tolerance as tests/unit/test_dali.py (0.02)."""
+    from invasive_dist.data.dali import DaliLoader
+    from invasive_dist.data.transforms import decode_rgb
+
+    ld = DaliLoader(index, cfg(HW, rot90=True), Shard(0, 1), CPU, True, 0)
+    batch = next(iter(ld.iter_epoch(1)))
+    params = ld.train_params((1, 0), batch.index.numpy())
+    assert set(params["angle"].tolist()) == {0.0, 180.0}  # both, in this batch
+    (left, top), (width, height) = params["anchor"].T, params["shape"].T
+    for i, pos in enumerate(batch.index.tolist()):
+        img = TF.resized_crop(
+            decode_rgb(index.paths[pos]),
+            int(top[i]),
+            int(left[i]),
+            int(height[i]),
+            int(width[i]),
+            HW,
+            antialias=True,
+        )
+        if params["hflip"][i]:
+            img = img.flip(-1)
+        if params["vflip"][i]:
+            img = img.flip(-2)
+        img = torch.rot90(img, int(params["angle"][i]) // 90, dims=(-2, -1))
+        ref = (img.float()[None] / 255 - MEAN) / STD
+        assert (ref[0] - batch.images[i]).abs().mean() < 0.02, i
