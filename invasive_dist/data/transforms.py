@@ -17,8 +17,8 @@ Eval geometry (``data.eval_geometry``), the same in torch, gpu_cache and DALI:
 
 - ``center_crop``: resize so that the image covers (h, w) / eval_crop_pct, keeping its aspect, then
   take the centre (h, w). For a square size that is torchvision's ``resize(size / crop_pct)`` of the
-  shorter side and ``center_crop(size)``: a 4:3 photo loses 1/8 of its width on each side to the
-  square and 1/16 more to crop_pct (``eval_resized_shape``).
+  shorter side and ``center_crop(size)``: a 4:3 photo loses about 17 % of its width on each side
+  at crop_pct 0.875 (12.5 % to the square, the rest to crop_pct; ``eval_resized_shape``).
 - ``full``: resize the whole frame to (h, w); nothing is cut. A 4:3 photo into a 4:3 size keeps its
   aspect; into a square it is squeezed by 3/4 in width (inside the [3/4, 4/3] aspect range training
   crops are drawn from, so the model has seen such shapes).
