@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -50,6 +50,7 @@ import torchvision
 from .build import loader_config
 from .config import Config, _set_dotted, config_from_dict, load_config, parse_override, to_dict
 from .data import BACKENDS, Batch, build_loader, resolve_backend
+from .data.transforms import image_hw
 from .distributed import build_accelerator, world_info_from_env
 from .errors import UserError
 from .files import write_json
@@ -99,13 +100,16 @@ def endless(loader) -> Iterator[Batch]:
         epoch += 1
 
 
-def batch_pool(n: int, batch: int, size: int, device: torch.device, channels_last: bool) -> list[Batch]:
+def batch_pool(
+    n: int, batch: int, size: int | Sequence[int], device: torch.device, channels_last: bool
+) -> list[Batch]:
     """Batches as a loader yields them (float32 normalized images in the model's memory format,
-    0/1 labels, indices), made on the device once."""
+    0/1 labels, indices), made on the device once; ``size`` one side or (height, width)."""
+    h, w = image_hw(size)
     g = torch.Generator(device="cpu").manual_seed(0)
     pool = []
     for _ in range(n):
-        images = torch.randn(batch, 3, size, size, generator=g).to(device)
+        images = torch.randn(batch, 3, h, w, generator=g).to(device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = torch.randint(0, 2, (batch,), generator=g).float().to(device)
@@ -115,6 +119,12 @@ def batch_pool(n: int, batch: int, size: int, device: torch.device, channels_las
 
 # ----------------------------------------------------------------------------------------------
 # Backend specs: "name" or "name:key=value,key=value" with data.* keys.
+
+
+def size_label(image_size: int | Sequence[int]) -> str:
+    """``224px`` for a square input, ``336x448px`` (height x width) for [336, 448]."""
+    h, w = image_hw(image_size)
+    return f"{h}px" if h == w else f"{h}x{w}px"
 
 
 def parse_backend(spec: str, cfg: Config) -> tuple[str, Config]:
@@ -349,7 +359,7 @@ def run_bench(
     }
     result = {"settings": settings, "hardware": hw, "model_img_per_s": None, "rows": []}
     log(
-        f"bench: {cfg.model.arch} {d.image_size}px batch {trainer.plan.per_device}x{trainer.plan.accum} "
+        f"bench: {cfg.model.arch} {size_label(d.image_size)} batch {trainer.plan.per_device}x{trainer.plan.accum} "
         f"precision {t.mixed_precision} channels_last {trainer.channels_last} compile {t.compile} "
         f"on {describe_device(hw)}; {warmup} warm-up + {steps} measured steps each"
     )

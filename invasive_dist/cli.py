@@ -107,6 +107,7 @@ def cmd_synth(args) -> int:
         size=args.size,
         seed=args.seed,
         workers=args.workers,
+        flowers=args.flowers,
     )
     print(summary.format())
     return 0
@@ -253,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=_size, default=(1154, 866), help="WIDTHxHEIGHT")
     s.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
     s.add_argument("--workers", type=int, default=1, help="processes (the result does not depend on it)")
+    s.add_argument("--flowers", choices=("anywhere", "edges"), default="anywhere", help="flower heads")
     s.set_defaults(fn=cmd_synth)
 
     s = sub.add_parser("check-data", help="check a data folder; exit 0 only when it is usable")

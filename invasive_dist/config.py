@@ -40,8 +40,9 @@ class DataConfig:
     n_folds: int = 5  # stratified folds of the train set
     fold: int = 0  # the fold used for validation (0 <= fold < n_folds)
     limit: int = 0  # use only the first N labelled images (0 = all); for quick experiments
-    image_size: int = 224  # side of the square image the model sees
-    eval_crop_pct: float = 0.875  # eval: resize shorter side to image_size/crop_pct, center crop
+    image_size: int | list[int] = 224  # model input: one side (square) or [height, width]
+    eval_geometry: Literal["center_crop", "full"] = "full"  # eval/predict: the whole frame, or center_crop
+    eval_crop_pct: float = 0.875  # eval center_crop: the crop's share of the resized image
     scale_min: float = 0.35  # train: random-resized-crop area fraction lower bound
     hflip: bool = True  # train: random horizontal flip
     vflip: bool = True  # train: random vertical flip (the photos have no canonical "up")
@@ -349,13 +350,17 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         problems.append(f"data.fold={d.fold} must satisfy 0 <= fold < data.n_folds={d.n_folds}")
     if d.batch_size < 1:
         problems.append(f"data.batch_size={d.batch_size} must be >= 1")
-    if d.image_size < 16:
-        problems.append(f"data.image_size={d.image_size} must be >= 16")
+    sides = [d.image_size] if isinstance(d.image_size, int) else d.image_size
+    if len(sides) != 2 and not isinstance(d.image_size, int):
+        problems.append(f"data.image_size={d.image_size} must be one side or [height, width]")
+        sides = [16]
+    if min(sides) < 16:
+        problems.append(f"data.image_size={d.image_size} must be >= 16 on each side")
     if not 0.0 < d.eval_crop_pct <= 1.0:
         problems.append(f"data.eval_crop_pct={d.eval_crop_pct} must be in (0, 1]")
     if not 0.0 < d.scale_min <= 1.0:
         problems.append(f"data.scale_min={d.scale_min} must be in (0, 1]")
-    if d.cache_short_side and d.cache_short_side < d.image_size:
+    if d.cache_short_side and d.cache_short_side < min(sides):
         problems.append(
             f"data.cache_short_side={d.cache_short_side} is smaller than "
             f"data.image_size={d.image_size}: the stored image cannot hold the crop"
@@ -416,10 +421,15 @@ def to_dict(cfg: Config) -> dict:
 def field_comments(cls: type) -> dict[str, str]:
     """The ``# comment`` of each field line of a config dataclass (its documentation)."""
     comments = {}
-    for line in inspect.getsource(cls).splitlines():
+    lines = inspect.getsource(cls).splitlines()
+    for i, line in enumerate(lines):
         m = re.match(r"^\s+(\w+): [^#]*#\s*(.*)$", line)
         if m:
             comments[m.group(1)] = m.group(2).strip()
+        # A default that ruff wraps in parentheses: the comment is on the line after "= (".
+        m = re.match(r"^\s+(\w+): [^#]*= \($", line)
+        if m and i + 1 < len(lines) and "#" in lines[i + 1]:
+            comments[m.group(1)] = lines[i + 1].split("#", 1)[1].strip()
     return comments
 
 

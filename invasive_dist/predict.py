@@ -12,7 +12,11 @@ exactly once, and the main process writes the submission atomically, in the samp
 order and with its names.
 
 Test-time augmentation (``predict.tta``): ``flips`` averages 4 views (identity, h, v, h+v),
-``dihedral`` the 8 views of the square (4 rotations x optional mirror). The views of a batch are
+``dihedral`` the 8 views of the square (4 rotations x optional mirror). With a non-square
+``data.image_size`` ([h, w]) the quarter turns would change the input's shape to (w, h), which
+training never shows (it turns such inputs by 0 or 180 degrees only), so ``dihedral`` averages the 4
+views that keep the shape, the same as ``flips``, and says so in the log (``tta_note``). Views are
+made from the eval view of ``data.eval_geometry`` (``center_crop`` or ``full``). The views of a batch are
 concatenated and scored in one forward pass on the device, so a dihedral pass of an eval batch of 64
 is one forward of 512 images: lower ``data.eval_batch_size`` if that does not fit.
 
@@ -40,6 +44,7 @@ from .config import Config, load_config
 from .data import Shard, build_loader
 from .data.check import cached_check
 from .data.kaggle import DataIndex, read_csv_text, test_index
+from .data.transforms import image_hw
 from .errors import UserError
 from .evaluation import gather_unique
 from .files import atomic_write
@@ -108,10 +113,11 @@ def load_model_for_inference(cfg: Config, run_dir: Path, which: str) -> torch.nn
 
 
 def tta_views(images: torch.Tensor, mode: str) -> list[torch.Tensor]:
-    """The views of a batch (B, C, H, W) for test-time augmentation."""
+    """The views of a batch (B, C, H, W) for test-time augmentation. ``dihedral`` of a non-square
+    batch is its 4 views that keep the shape (see ``tta_note``)."""
     if mode == "none":
         return [images]
-    if mode == "flips":
+    if mode == "flips" or (mode == "dihedral" and images.shape[-1] != images.shape[-2]):
         return [images, images.flip(-1), images.flip(-2), images.flip(-1).flip(-2)]
     if mode == "dihedral":
         views = []
@@ -123,6 +129,19 @@ def tta_views(images: torch.Tensor, mode: str) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def tta_note(mode: str, image_size) -> str:
+    """What the log says about a TTA mode at this input size ("" when nothing needs saying)."""
+    h, w = image_hw(image_size)
+    if mode == "dihedral" and h != w:
+        return (
+            f"predict.tta=dihedral at data.image_size=[{h}, {w}]: a quarter turn would make the input "
+            f"{w}x{h}, a shape training never showed (non-square training turns by 0 or 180 degrees "
+            "only), so the 4 views that keep the shape are averaged: identity, h, v and h+v flips "
+            "(the same as predict.tta=flips)"
+        )
+    return ""
+
+
 def tta_probs(
     model, images: torch.Tensor, mode: str, channels_last: bool = False, autocast=None
 ) -> torch.Tensor:
@@ -131,10 +150,6 @@ def tta_probs(
     ``autocast`` is a context-manager factory (e.g. ``accelerator.autocast``); None runs in the
     model's own precision. Returns a float32 (B,) tensor on the images' device."""
     views = tta_views(images, mode)
-    if mode == "dihedral" and images.shape[-1] != images.shape[-2]:
-        # Rotated views of a non-square batch do not stack; score them one by one.
-        outs = [tta_probs(model, v, "none", channels_last, autocast) for v in views]
-        return torch.stack(outs).mean(0)
     x = torch.cat(views) if len(views) > 1 else images
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -247,6 +262,9 @@ def predict_member(
     if cfg.data.backend == "synthetic":
         raise UserError("data.backend=synthetic produces random tensors; predict needs a real backend")
     shard = Shard(acc.process_index, acc.num_processes)
+    note = tta_note(cfg.predict.tta, cfg.data.image_size)
+    if note and acc.is_main_process:
+        print(note, flush=True)
     loader = build_loader(index, cfg, shard, device, train=False, channels_last=channels_last)
     positions, probs = predict_probs(model, loader, acc, cfg.predict.tta, channels_last)
     if len(positions) != len(index) or not np.array_equal(positions, np.arange(len(index))):

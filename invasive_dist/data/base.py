@@ -139,8 +139,3 @@ class LoaderBase:
         self.train, self.seed, self.channels_last = train, seed, channels_last
         self.n = len(index)
         self.batch = loader_batch_size(cfg_data, train)
-
-
-def eval_resize_size(image_size: int, crop_pct: float) -> int:
-    """Shorter side the evaluation path resizes to before its center crop."""
-    return int(round(image_size / crop_pct))

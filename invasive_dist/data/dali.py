@@ -33,16 +33,20 @@ batch of 256 on this loaded machine against 0.45 ms vectorized, so the two backe
 law but not the same boxes. The image sizes the boxes need are read from the JPEG headers once,
 when the loader is built, after EXIF orientation: DALI's box is in upright pixels too (checked in
 tests/unit/test_dali.py with a photo stored sideways). DALI then decodes only the box
-(``decoders.image_slice``, ROI decoding), resizes it to image_size (antialias), flips (``flip``)
+(``decoders.image_slice``, ROI decoding), resizes it to image_size's (h, w) (antialias), flips (``flip``)
 and rotates (``rotate``, multiples of 90 degrees with nearest-neighbour sampling: exact pixel
 permutations) as told. No random operator is in the graph, so a batch does
 not depend on what the pipeline ran before: resuming at (epoch, step k) feeds batch k first and
 decodes none of the k skipped ones, with the augmentations of an uninterrupted run.
 
-Eval: ``decoders.image`` -> ``resize`` of the shorter side to ``eval_resize_size`` (antialias) -> center
-crop and normalize in ``crop_mirror_normalize``. The resize size and crop offset are computed per image
-from the JPEG header the way torchvision computes them (see ``_torchvision_eval_geometry``), so the eval
-images agree with the torch backend's to one uint8 level (CPU, measured in tests/unit/test_backends.py).
+Eval: ``decoders.image`` -> ``resize`` (antialias) -> crop and normalize in ``crop_mirror_normalize``.
+With ``data.eval_geometry=center_crop`` the resize size and crop offset are computed per image from the
+JPEG header the way ``transforms.eval_transform`` computes them (see ``_torchvision_eval_geometry``);
+with ``full`` the resize is to (h, w) and the crop cuts nothing. The eval images agree with the torch
+backend's to one uint8 level (CPU, measured in tests/unit/test_backends.py and test_fullframe.py),
+except, with ``full``, the outermost pixel ring: the frame's own border, where DALI's resampling
+clamps and torchvision's renormalizes the cut filter (up to 0.40 normalized there; mean over the
+image 0.0020 on the real 1154x866 files at 224 px, against 0.0017 without the ring).
 The last batch of a shard is fed short: nothing is padded, nothing decoded twice.
 
 Look-ahead (``data.dali_prefetch`` batches, default 2). The pipeline runs with
@@ -93,13 +97,13 @@ from .base import (
     LoaderBase,
     Shard,
     eval_plan,
-    eval_resize_size,
     sample_seeds,
     train_plan,
     train_steps,
 )
 from .gpu_cache import _oriented_size
 from .kaggle import DataIndex
+from .transforms import eval_cover_size, fallback_box, image_hw, log_ratio_range, quarter_turns
 
 # DALI's default hybrid_huffman_threshold: images above it use nvJPEG's GPU-assisted Huffman decoder.
 DALI_HUFFMAN_THRESHOLD = 1_000_000
@@ -184,8 +188,7 @@ class AugmentParams:
     quarter_turns: np.ndarray  # (B,) int: counter-clockwise rotation by 90 degrees times this
 
 
-TRIES = 10  # random-resized-crop attempts before the center-square fallback, as torchvision
-LOG_RATIO = (np.log(3 / 4), np.log(4 / 3))
+TRIES = 10  # random-resized-crop attempts before the centred fallback box, as torchvision
 
 
 def _uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
@@ -203,21 +206,27 @@ def _uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
 
 def augment_params(sizes: np.ndarray, seeds: np.ndarray, d) -> AugmentParams:
     """Random-resized crops as torchvision draws them (area in [scale_min, 1] of the image,
-    log-uniform aspect in [3/4, 4/3], the first of 10 tries that fits, else the center square),
-    coin flips and quarter turns, for a batch: ``sizes`` (B, 2) oriented (height, width), ``seeds``
-    the per-sample seeds (``base.sample_seeds``). The draws are made whatever the config, so a crop
-    does not depend on whether flips or rotations are on."""
+    log-uniform aspect in ``transforms.log_ratio_range`` of the input size, the first of 10 tries
+    that fits, else ``transforms.fallback_box``), coin flips and turns (``transforms.quarter_turns``),
+    for a batch: ``sizes`` (B, 2) oriented (height, width), ``seeds`` the per-sample seeds
+    (``base.sample_seeds``). The draws are made whatever the config, so a crop does not depend on
+    whether flips or rotations are on."""
+    hw = image_hw(d.image_size)
+    log_ratio = log_ratio_range(hw)
     h, w = sizes[:, :1].astype(np.float64), sizes[:, 1:].astype(np.float64)
     u = _uniforms(seeds, 2 * TRIES + 5)
     area = h * w * (d.scale_min + (1.0 - d.scale_min) * u[:, :TRIES])
-    ratio = np.exp(LOG_RATIO[0] + (LOG_RATIO[1] - LOG_RATIO[0]) * u[:, TRIES : 2 * TRIES])
+    ratio = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[:, TRIES : 2 * TRIES])
     cw, ch = np.round(np.sqrt(area * ratio)), np.round(np.sqrt(area / ratio))
     fits = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
     first = fits.argmax(1)[:, None]  # the first try that fits
     found = fits.any(1)
-    side = np.minimum(h, w)[:, 0]
-    cw = np.where(found, np.take_along_axis(cw, first, 1)[:, 0], side)
-    ch = np.where(found, np.take_along_axis(ch, first, 1)[:, 0], side)
+    fb = np.array([fallback_box(int(a), int(b), hw) for a, b in sizes[~found]], dtype=np.float64)
+    fb_h, fb_w = np.zeros(len(sizes)), np.zeros(len(sizes))
+    if len(fb):
+        fb_h[~found], fb_w[~found] = fb[:, 0], fb[:, 1]
+    cw = np.where(found, np.take_along_axis(cw, first, 1)[:, 0], fb_w)
+    ch = np.where(found, np.take_along_axis(ch, first, 1)[:, 0], fb_h)
     h, w = h[:, 0], w[:, 0]
     r = u[:, 2 * TRIES :]
     top = np.where(found, np.minimum(np.floor(r[:, 0] * (h - ch + 1)), h - ch), (h - ch) // 2)
@@ -230,24 +239,27 @@ def augment_params(sizes: np.ndarray, seeds: np.ndarray, d) -> AugmentParams:
         width=cw.astype(f32),
         hflip=r[:, 2] < 0.5,
         vflip=r[:, 3] < 0.5,
-        quarter_turns=np.floor(r[:, 4] * 4).astype(np.int64),
+        quarter_turns=quarter_turns(r[:, 4], hw),
     )
 
 
-def _torchvision_eval_geometry(jpegs, short: int, size: int):
-    """Per-sample (resize_x, resize_y, crop_pos_x, crop_pos_y) that reproduce torchvision's
-    ``resize(short)`` + ``center_crop(size)``: the longer side is truncated (``int(short * long /
-    short_side)``) and the crop offset is Python's ``round((n - size) / 2)``, halves to the even
-    neighbour. DALI's own ``resize_shorter`` keeps a fractional scale and its 0.5 crop rounds halves up;
-    either is a pixel off, which on real photos costs about 15 levels of mean difference."""
+def _torchvision_eval_geometry(jpegs, cover: tuple[int, int], hw: tuple[int, int]):
+    """Per-sample (resize_x, resize_y, crop_pos_x, crop_pos_y) that reproduce
+    ``transforms.eval_transform``'s centre crop: resize to ``transforms.eval_resized_shape`` (the
+    smallest scaling that covers ``cover`` = (height, width), the other side truncated as
+    torchvision truncates, ``int(rh * w / h)``) and ``center_crop(hw)``, whose offset is Python's
+    ``round((n - size) / 2)``, halves to the even neighbour. DALI's own ``resize_shorter`` keeps a
+    fractional scale and its 0.5 crop rounds halves up; either is a pixel off, which on real photos
+    costs about 15 levels of mean difference."""
     # (H, W, C) after EXIF orientation, from the encoded file: CPU-only, whatever decodes it.
     shape = fn.peek_image_shape(jpegs, dtype=types.INT32)
     h, w = shape[0], shape[1]
-    landscape, portrait = h <= w, h > w
-    new_h = short * landscape + ((short * h) // w) * portrait
-    new_w = short * portrait + ((short * w) // h) * landscape
+    rh, rw = cover
+    height_binds, width_binds = rh * w >= rw * h, rh * w < rw * h
+    new_h = rh * height_binds + ((rw * h) // w) * width_binds
+    new_w = rw * width_binds + ((rh * w) // h) * height_binds
 
-    def crop_pos(n):
+    def crop_pos(n, size):
         d = n - size
         k = d // 2
         offset = k + (d - 2 * k) * (k - 2 * (k // 2))  # d odd and k odd: round half to even is k + 1
@@ -256,8 +268,8 @@ def _torchvision_eval_geometry(jpegs, short: int, size: int):
     return (
         fn.cast(new_w, dtype=types.FLOAT),
         fn.cast(new_h, dtype=types.FLOAT),
-        crop_pos(new_w),
-        crop_pos(new_h),
+        crop_pos(new_w, hw[1]),
+        crop_pos(new_h, hw[0]),
     )
 
 
@@ -278,7 +290,7 @@ def _pipeline(train: bool, gpu: bool, d, settings: DaliSettings, channels_last: 
             "preallocate_width_hint": settings.width_hint,
             "preallocate_height_hint": settings.height_hint,
         }
-    size = d.image_size
+    hw = image_hw(d.image_size)
     if train:
         anchor = fn.external_source(name=ANCHOR, dtype=types.FLOAT, ndim=1)  # (left, top)
         shape = fn.external_source(name=SHAPE, dtype=types.FLOAT, ndim=1)  # (width, height)
@@ -292,7 +304,7 @@ def _pipeline(train: bool, gpu: bool, d, settings: DaliSettings, channels_last: 
             output_type=types.RGB,
             **decoder,
         )
-        images = fn.resize(images, size=[size, size], antialias=True)
+        images = fn.resize(images, resize_x=hw[1], resize_y=hw[0], antialias=True)
         if d.hflip or d.vflip:
             images = fn.flip(
                 images,
@@ -300,22 +312,26 @@ def _pipeline(train: bool, gpu: bool, d, settings: DaliSettings, channels_last: 
                 vertical=fn.external_source(name=VFLIP, dtype=types.INT32, ndim=0) if d.vflip else 0,
             )
         if d.rot90:
-            # Counter-clockwise by 90 k degrees = torch.rot90(k, dims=(H, W)), as the torch backend.
+            # Counter-clockwise by 90 k degrees = torch.rot90(k, dims=(H, W)), as the torch backend
+            # (k even for a non-square size, so keep_size never cuts).
             angle = fn.external_source(name=ANGLE, dtype=types.FLOAT, ndim=0)
             images = fn.rotate(images, angle=angle, interp_type=types.INTERP_NN, keep_size=True)
-        crop_pos_x = crop_pos_y = 0.5  # the image is already image_size square
+        crop_pos_x = crop_pos_y = 0.5  # the image is already image_size
     else:
         images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
-        resize_x, resize_y, crop_pos_x, crop_pos_y = _torchvision_eval_geometry(
-            jpegs, eval_resize_size(size, d.eval_crop_pct), size
-        )
+        if d.eval_geometry == "full":  # the whole frame to (h, w): the crop below cuts nothing
+            resize_x, resize_y, crop_pos_x, crop_pos_y = float(hw[1]), float(hw[0]), 0.5, 0.5
+        else:
+            resize_x, resize_y, crop_pos_x, crop_pos_y = _torchvision_eval_geometry(
+                jpegs, eval_cover_size(hw, d.eval_crop_pct), hw
+            )
         images = fn.resize(images, resize_x=resize_x, resize_y=resize_y, antialias=True, subpixel_scale=False)
     return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT,
         # HWC output is an NHWC batch: permuted to NCHW it is channels_last without a copy.
         output_layout="HWC" if channels_last else "CHW",
-        crop=(size, size),
+        crop=hw,  # (height, width)
         crop_pos_x=crop_pos_x,
         crop_pos_y=crop_pos_y,
         mean=[m * 255 for m in IMAGENET_MEAN],
@@ -515,7 +531,7 @@ class DaliLoader(LoaderBase):
         """A UserError naming the file behind DALI's failure, or the original error (a bug). DALI's
         message names no file (measured with DALI 2.4.0), so the files of the batches in flight, the
         failing one among them, are decoded with torchvision."""
-        from .torch_backend import decode_rgb
+        from .transforms import decode_rgb
 
         candidates = dict.fromkeys(int(p) for positions in in_flight for p in positions)
         for i in candidates:

@@ -24,14 +24,16 @@ kept in ``build_info``.
 What is stored:
 
 - train: every image of the split resized to one (H, W) whose shorter side is
-  ``data.cache_short_side``, or when 0 ``max(ceil(image_size / sqrt(scale_min)), eval resize size)``
+  ``data.cache_short_side``, or when 0 ``max(ceil(image_size / sqrt(scale_min)), round(image_size / eval_crop_pct))``
   = 379 for 224 / 0.35: the smallest random-resized crop (area ``scale_min`` of the image, aspect 1)
   is then still at least image_size pixels wide, so crops are (nearly) never upsampled. (H, W)
   follow the most common image size's aspect; an image of another aspect is center-cropped to that
   aspect first (no distortion). All Kaggle images are 1154x866, so none is cropped there.
-- eval: the final image_size crops of this rank's shard only, made by the torch backend's own
-  ``eval_transform``, so an evaluation is a gather + normalize; on CPU it equals the torch backend
-  bit for bit.
+- eval: the final image_size views of this rank's shard only (``data.eval_geometry``), made by the
+  torch backend's own ``transforms.eval_transform``, so an evaluation is a gather + normalize; on CPU
+  it equals the torch backend bit for bit.
+- [h, w] sizes: the stored shorter side uses the input's shorter side in the rule above, and the
+  crops' aspect range is centred on w / h (``transforms``); a 4:3 input crops 4:3 photos alike.
 
 A training batch is made in four device operations and no host sync (``fused_crop``): gather the
 batch's uint8 images and widen them to the compute dtype (fp16 on CUDA, fp32 on CPU), then two
@@ -46,8 +48,9 @@ crops of 224 px from 379x505 images that is about 95 GFLOP of fp16 matrix produc
 memory traffic (by arithmetic: 0.6 ms of an H100's 3.35 TB/s; not measured yet).
 
 The crop boxes and flips of an epoch are drawn on the host when the epoch starts, as the torch
-backend draws them (area in [scale_min, 1], log-uniform aspect in [3/4, 4/3], the first of 10 tries
-that fits, else a center square; hflip, vflip with probability 1/2; rot90 k uniform in 0..3), from
+backend draws them (area in [scale_min, 1], log-uniform aspect in [3/4, 4/3] x the input's w / h, the
+first of 10 tries that fits, else the centred box of that aspect; hflip, vflip with probability 1/2;
+rot90 k uniform in 0..3, or in {0, 2} for a non-square input), from
 per-sample seeds ``base.sample_seeds(seed, epoch, rank, slot)``: a batch is a pure function of
 (seed, epoch, rank, step) and ``start_step`` resumes exactly. They go to the device in one copy per
 epoch. On CUDA the next batch is prepared on a side stream while the current step runs (an event
@@ -82,18 +85,24 @@ from .base import (
     LoaderBase,
     Shard,
     eval_plan,
-    eval_resize_size,
     sample_seeds,
     train_plan,
     train_steps,
 )
 from .check import EXIF_ORIENTATION
 from .kaggle import DataIndex
-from .torch_backend import decode_rgb, eval_transform
+from .transforms import (
+    decode_rgb,
+    eval_cover_size,
+    eval_transform,
+    fallback_box,
+    image_hw,
+    log_ratio_range,
+    quarter_turns,
+)
 
 CUDA_DECODE_CHUNK = 64  # files per chunk of the build (one batched nvJPEG call on CUDA)
-LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
-TRIES = 10  # random-resized-crop attempts before the center-square fallback, as torchvision
+TRIES = 10  # random-resized-crop attempts before the centred fallback box, as torchvision
 DRAWS = 2 * TRIES + 5  # uniforms per sample: 10 x (area, aspect), top, left, hflip, vflip, rot90
 
 
@@ -101,8 +110,11 @@ def train_short_side(cfg_data) -> int:
     """Shorter side of the stored training images (see the module docstring)."""
     if cfg_data.cache_short_side:
         return cfg_data.cache_short_side
-    no_upsampling = math.ceil(cfg_data.image_size / math.sqrt(cfg_data.scale_min))
-    return max(no_upsampling, eval_resize_size(cfg_data.image_size, cfg_data.eval_crop_pct))
+    hw = image_hw(cfg_data.image_size)
+    # The input's shorter side: for a [h, w] input of the photos' own aspect the smallest crop is
+    # then at least (h, w) too.
+    no_upsampling = math.ceil(min(hw) / math.sqrt(cfg_data.scale_min))
+    return max(no_upsampling, min(eval_cover_size(hw, cfg_data.eval_crop_pct)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,16 +153,25 @@ class CropPlan:
 
 
 def crop_plan(
-    seeds: np.ndarray, h: int, w: int, scale_min: float, hflip: bool, vflip: bool, rot90: bool
+    seeds: np.ndarray,
+    h: int,
+    w: int,
+    scale_min: float,
+    hflip: bool,
+    vflip: bool,
+    rot90: bool,
+    hw: tuple[int, int] = (1, 1),
 ) -> CropPlan:
-    """``torch_backend.random_resized_crop_params`` and ``train_transform``'s flips for n samples
-    of an (h, w) image, one seed each. The draws are made whatever the config, so the boxes do not
-    depend on which flips are on."""
+    """``transforms.random_resized_crop_params`` and ``train_transform``'s flips and turns for n
+    samples of an (h, w) image, one seed each, for an input of size ``hw`` (its aspect sets the
+    crops' aspect range; a non-square one turns by 0 or 180 degrees only). The draws are made
+    whatever the config, so the boxes do not depend on which flips are on."""
     u = uniforms(seeds, DRAWS)
     n = len(seeds)
     tries = u[:, : 2 * TRIES].reshape(n, TRIES, 2)
     area = h * w * (scale_min + (1 - scale_min) * tries[..., 0])
-    ratio = np.exp(LOG_RATIO[0] + (LOG_RATIO[1] - LOG_RATIO[0]) * tries[..., 1])
+    lo, hi = log_ratio_range(hw)
+    ratio = np.exp(lo + (hi - lo) * tries[..., 1])
     cw, ch = (
         np.round(np.sqrt(area * ratio)),
         np.round(np.sqrt(area / ratio)),
@@ -158,16 +179,16 @@ def crop_plan(
     fits = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
     first = fits.argmax(1)  # the first try that fits
     any_fit = fits.any(1)
-    side = min(h, w)
+    fb_h, fb_w = fallback_box(h, w, hw)
     rows = np.arange(n)
-    cw = np.where(any_fit, cw[rows, first], side).astype(np.int64)
-    ch = np.where(any_fit, ch[rows, first], side).astype(np.int64)
+    cw = np.where(any_fit, cw[rows, first], fb_w).astype(np.int64)
+    ch = np.where(any_fit, ch[rows, first], fb_h).astype(np.int64)
     r = u[:, 2 * TRIES :]
     top = np.where(any_fit, np.minimum(np.floor(r[:, 0] * (h - ch + 1)), h - ch), (h - ch) // 2)
     left = np.where(any_fit, np.minimum(np.floor(r[:, 1] * (w - cw + 1)), w - cw), (w - cw) // 2)
     fh = (r[:, 2] < 0.5) & hflip  # horizontal flip: reverse the columns
     fv = (r[:, 3] < 0.5) & vflip
-    k = np.floor(r[:, 4] * 4).astype(np.int64) if rot90 else np.zeros(n, np.int64)
+    k = quarter_turns(r[:, 4], hw) if rot90 else np.zeros(n, np.int64)
     # rot90(x, k) after the flips, as flips first and a transpose last: rot90 by 1 is
     # transpose(flip_w(x)), by 2 flip_h(flip_w(x)), by 3 transpose(flip_h(x)) (tested against torch.rot90).
     flip_w = fh ^ ((k == 1) | (k == 2))
@@ -216,32 +237,34 @@ def fused_crop(
     cache: torch.Tensor,
     rows: torch.Tensor,
     params: torch.Tensor,
-    size: int,
+    size: int | tuple[int, int],
     scale: torch.Tensor,
     shift: torch.Tensor,
     channels_last: bool,
     transpose: bool,
 ) -> torch.Tensor:
-    """(B, 3, size, size) float32 normalized crops of ``cache[rows]`` (uint8 (N, 3, H, W)) along
-    ``params`` ((B, 7) float32, ``CropPlan.packed``). ``scale`` (3,) = 1/(255 std), ``shift``
-    (1, 3, 1, 1) = -mean/std. ``transpose``: whether any sample may be transposed (rot90)."""
+    """(B, 3, sh, sw) float32 normalized crops of ``cache[rows]`` (uint8 (N, 3, H, W)) along
+    ``params`` ((B, 7) float32, ``CropPlan.packed``); ``size`` (sh, sw) or one side. ``scale`` (3,)
+    = 1/(255 std), ``shift`` (1, 3, 1, 1) = -mean/std. ``transpose``: whether any sample may be
+    transposed (rot90; square sizes only)."""
+    sh, sw = image_hw(size)
     b = rows.numel()
     _, c, h, w = cache.shape
     # fp16 holds 0..255 exactly and the matrix products accumulate in fp32 on tensor cores; on CPU
     # fp16 products are slow, so fp32 there.
     dtype = torch.float16 if cache.is_cuda else torch.float32
     top, left, ch, cw, flip_h, flip_w, tr = params.unbind(1)
-    wx = resample_matrix(*resample_taps(left, cw, flip_w, w, size), w, dtype)  # (B, S, W)
-    taps, wgt = resample_taps(top, ch, flip_h, h, size)
+    wx = resample_matrix(*resample_taps(left, cw, flip_w, w, sw), w, dtype)  # (B, Sw, W)
+    taps, wgt = resample_taps(top, ch, flip_h, h, sh)
     wgt = wgt.unsqueeze(1) * scale.view(1, c, 1, 1)  # the per-channel 1 / (255 std) folded in
-    wy = resample_matrix(taps.unsqueeze(1), wgt, h, dtype)  # (B, 3, S, H)
+    wy = resample_matrix(taps.unsqueeze(1), wgt, h, dtype)  # (B, 3, Sh, H)
     x = cache.index_select(0, rows).to(dtype)  # (B, 3, H, W)
-    x = torch.bmm(x.view(b, c * h, w), wx.transpose(1, 2)).view(b, c, h, size)  # columns first
-    x = torch.matmul(wy, x)  # (B, 3, S, S)
-    if transpose:
+    x = torch.bmm(x.view(b, c * h, w), wx.transpose(1, 2)).view(b, c, h, sw)  # columns first
+    x = torch.matmul(wy, x)  # (B, 3, Sh, Sw)
+    if transpose and sh == sw:
         x = torch.where(tr.view(b, 1, 1, 1) > 0, x.transpose(2, 3), x)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((b, c, size, size), dtype=torch.float32, device=cache.device, memory_format=fmt)
+    out = torch.empty((b, c, sh, sw), dtype=torch.float32, device=cache.device, memory_format=fmt)
     return torch.add(x, shift, out=out)
 
 
@@ -348,9 +371,8 @@ class GpuCacheLoader(LoaderBase):
     # The cache.
 
     def _stored_shape(self, positions: np.ndarray, pool: ThreadPoolExecutor) -> tuple[int, int]:
-        size = self.d.image_size
         if not self.train:
-            return size, size
+            return image_hw(self.d.image_size)
         shapes = list(pool.map(_oriented_size, [self.index.paths[i] for i in positions]))
         self.dominant = Counter(shapes).most_common(1)[0][0]
         h, w = self.dominant
@@ -361,7 +383,7 @@ class GpuCacheLoader(LoaderBase):
     def _fit(self, img: torch.Tensor) -> torch.Tensor:
         """A decoded (3, h, w) or (b, 3, h, w) uint8 image in the stored form."""
         if not self.train:
-            return eval_transform(img, self.d.image_size, self.d.eval_crop_pct)
+            return eval_transform(img, self.d.image_size, self.d.eval_crop_pct, self.d.eval_geometry)
         H, W = self.stored
         h, w = img.shape[-2:]
         if (h, w) != self.dominant and h * W != w * H:  # another aspect: center-crop to ours first
@@ -458,7 +480,7 @@ class GpuCacheLoader(LoaderBase):
         seeds = sample_seeds(self.seed, epoch, self.shard.rank, slots.ravel())
         H, W = self.stored
         d = self.d
-        return plan, crop_plan(seeds, H, W, d.scale_min, d.hflip, d.vflip, d.rot90)
+        return plan, crop_plan(seeds, H, W, d.scale_min, d.hflip, d.vflip, d.rot90, image_hw(d.image_size))
 
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         if start_step >= self.steps_per_epoch:
@@ -486,7 +508,7 @@ class GpuCacheLoader(LoaderBase):
                     self.images,
                     self.row_of[idx],
                     params_all[step * b : (step + 1) * b],
-                    self.d.image_size,
+                    image_hw(self.d.image_size),
                     self.scale,
                     self.shift,
                     self.channels_last,

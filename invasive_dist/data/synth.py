@@ -53,6 +53,7 @@ from ..progress import track
 SPLITS = {"train": 1, "test": 2}  # part of every image's seed, so train/5 and test/5 differ
 _LABEL_STREAM = 0  # rng entropy [seed, split, 0] draws the labels; image names start at 1
 MANIFEST = "synth.json"
+FLOWER_PLACES = ("anywhere", "edges")  # where flower heads go (synthesize's ``flowers``)
 FORMAT_VERSION = 1  # bump when the drawing changes, so an old folder is regenerated, not resumed
 
 # Flower-head base colours (RGB): light blue, blue, blue-violet, violet, lilac, pink-purple.
@@ -254,10 +255,23 @@ def _orange_spikes(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, 
             x, y = x + 2.2 * r * np.cos(angle), y + 2.2 * r * np.sin(angle)
 
 
-def _flower_head(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int, s: int) -> None:
-    """One hydrangea-like head: a shadowed dome covered with four-petal florets of one shade."""
+# flowers="edges": head centres in the outer EDGE_BAND of the width, left or right. A 4:3 image
+# resized and centre-cropped to a square keeps the middle 3/4 x 0.875 = 66 % of the width, so its
+# centre crop starts 17 % in from each side: a head centred 2-12 % in is at most half visible there.
+EDGE_BAND = (0.02, 0.12)
+
+
+def _flower_head(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int, s: int, edges: bool = False
+) -> None:
+    """One hydrangea-like head: a shadowed dome covered with four-petal florets of one shade;
+    ``edges``: centred near the left or right edge (``EDGE_BAND``)."""
     big_r = s * rng.uniform(0.08, 0.18)
     cx, cy = rng.uniform(0.08 * w, 0.92 * w), rng.uniform(0.08 * h, 0.92 * h)
+    if edges:
+        cx = w * rng.uniform(*EDGE_BAND)
+        if rng.random() < 0.5:
+            cx = w - cx
     squash = rng.uniform(0.78, 1.0)
     base = HYDRANGEA_COLOURS[rng.integers(0, len(HYDRANGEA_COLOURS))] * rng.uniform(0.88, 1.08, 3)
     draw.ellipse(
@@ -285,8 +299,11 @@ def _flower_head(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h:
         draw.ellipse([x - e, y - e, x + e, y + e], fill=_fill(np.clip(colours[i] * 1.2 + 25, 0, 255)))
 
 
-def render_image(rng: np.random.Generator, size: tuple[int, int], invasive: bool) -> Image.Image:
-    """One synthetic photo, drawn from ``rng`` (width, height); flower heads iff ``invasive``."""
+def render_image(
+    rng: np.random.Generator, size: tuple[int, int], invasive: bool, flowers: str = "anywhere"
+) -> Image.Image:
+    """One synthetic photo, drawn from ``rng`` (width, height); flower heads iff ``invasive``,
+    anywhere or (``flowers="edges"``) near the left and right edges."""
     w, h = size
     s = min(w, h)
     img = _background(rng, w, h, s)
@@ -305,7 +322,7 @@ def render_image(rng: np.random.Generator, size: tuple[int, int], invasive: bool
         _orange_spikes(draw, rng, w, h, s)
     if invasive:
         for _ in range(int(rng.integers(1, 5))):
-            _flower_head(draw, rng, w, h, s)
+            _flower_head(draw, rng, w, h, s, edges=flowers == "edges")
     _leaves(draw, rng, w, h, s, int(rng.integers(15, 60)))  # in front: some heads partly hidden
 
     # Camera: exposure, white balance, a sun gradient, sensor noise, a little softness.
@@ -343,9 +360,9 @@ def _csv_bytes(rows: list[tuple[int, str]], newline: str) -> bytes:
     return (newline.join(lines) + newline).encode()
 
 
-def _write_image(task: tuple[Path, str, int, int, tuple[int, int], int, int]) -> None:
-    path, split, name, label, size, seed, quality = task
-    img = render_image(image_rng(seed, split, name), size, bool(label))
+def _write_image(task: tuple[Path, str, int, int, tuple[int, int], int, int, str]) -> None:
+    path, split, name, label, size, seed, quality, flowers = task
+    img = render_image(image_rng(seed, split, name), size, bool(label), flowers)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality, subsampling=0, progressive=False, optimize=False)
     write_bytes(path, buf.getvalue())
@@ -387,11 +404,14 @@ def synthesize(
     positive_frac: float = 0.63,
     quality: int = 90,
     workers: int = 1,
+    flowers: str = "anywhere",
 ) -> SynthSummary:
     """Write a synthetic data set in the Kaggle layout to ``out`` (see the module docstring).
 
     The defaults match the real competition: 2,295 train and 1,531 test images of 1154x866,
-    63 % invasive. ``workers`` > 1 renders in that many processes; the files are the same."""
+    63 % invasive. ``workers`` > 1 renders in that many processes; the files are the same.
+    ``flowers="edges"`` puts every flower head near the left or right edge (``EDGE_BAND``), where a
+    centre crop does not see it: the set that measures ``data.eval_geometry``."""
     out = Path(out)
     w, h = (int(v) for v in size)
     problems = []
@@ -409,6 +429,8 @@ def synthesize(
         problems.append(f"seed={seed} must be >= 0")
     if workers < 1:
         problems.append(f"workers={workers} must be >= 1")
+    if flowers not in FLOWER_PLACES:
+        problems.append(f"flowers={flowers!r} must be one of {', '.join(FLOWER_PLACES)}")
     if problems:
         raise UserError("synth: " + "; ".join(problems))
 
@@ -422,6 +444,8 @@ def synthesize(
         "positive_frac": positive_frac,
         "quality": quality,
     }
+    if flowers != "anywhere":
+        params["flowers"] = flowers  # only then: the default's manifest is what it always was
     keep = _prepare(out, params)
     labels = {
         split: draw_labels(seed, split, n, positive_frac)
@@ -432,7 +456,7 @@ def synthesize(
         for name, label in enumerate(split_labels.tolist(), start=1):
             path = out / split / f"{name}.jpg"
             if not (keep and path.is_file()):
-                tasks.append((path, split, name, label, (w, h), seed, quality))
+                tasks.append((path, split, name, label, (w, h), seed, quality, flowers))
     if workers > 1 and len(tasks) > 1:
         # fork where it exists: spawn would re-import torch (via invasive_dist.data) in every worker.
         methods = mp.get_all_start_methods()

@@ -16,6 +16,7 @@ import torch
 
 from .base import Batch, LoaderBase, Shard, eval_plan, train_plan, train_steps
 from .kaggle import DataIndex
+from .transforms import image_hw
 
 POOL = 2  # distinct batches kept on the device; 2 x 256 x 3 x 224 x 224 float32 = 308 MB
 
@@ -38,10 +39,10 @@ class SyntheticLoader(LoaderBase):
             self.plan = eval_plan(self.n, self.batch, shard)
             self.steps_per_epoch = len(self.plan)
         gen = torch.Generator().manual_seed(seed)
-        size = cfg_data.image_size
+        h, w = image_hw(cfg_data.image_size)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.pool = [
-            torch.randn((self.batch, 3, size, size), generator=gen).to(self.device, memory_format=fmt)
+            torch.randn((self.batch, 3, h, w), generator=gen).to(self.device, memory_format=fmt)
             for _ in range(POOL)
         ]
         self.labels = torch.randint(0, 2, (self.n,), generator=gen).float().to(self.device)

@@ -23,28 +23,22 @@ for its rank to finish the step and save (see ``_worker_init``); the forkserver 
 from __future__ import annotations
 
 import functools
-import math
 import multiprocessing
 import multiprocessing.context
 import signal
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.io import ImageReadMode, decode_image
 
 from .. import faults
-from ..errors import UserError
 from .base import (
     Batch,
     LoaderBase,
     Shard,
     eval_plan,
-    eval_resize_size,
     normalize_on_device,
     sample_seeds,
     train_plan,
@@ -52,67 +46,13 @@ from .base import (
 )
 from .kaggle import DataIndex
 
+# Decoding and geometry live in .transforms (shared with dali and gpu_cache); these names stay
+# importable from here.
+from .transforms import decode_rgb, eval_transform, random_resized_crop_params, train_transform
+
+__all__ = ["TorchLoader", "decode_rgb", "eval_transform", "random_resized_crop_params", "train_transform"]
+
 START_METHOD = "forkserver"
-
-
-def decode_rgb(path: Path) -> torch.Tensor:
-    """Read and decode an image file to uint8 (3, H, W), EXIF orientation applied.
-
-    Any failure becomes a UserError that names the file."""
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: image file is missing (run `invasive-dist check-data`)") from None
-    if not raw:
-        raise UserError(f"{path}: image file is empty (run `invasive-dist check-data`)")
-    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    try:
-        return decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except RuntimeError as e:
-        raise UserError(
-            f"{path}: cannot decode image ({str(e).splitlines()[0]}); "
-            "run `invasive-dist check-data` or set data.on_bad_file=skip"
-        ) from None
-
-
-def random_resized_crop_params(
-    h: int, w: int, scale_min: float, rng: np.random.Generator
-) -> tuple[int, int, int, int]:
-    """(top, left, height, width) as torchvision's RandomResizedCrop draws them
-    (area in [scale_min, 1], log-uniform aspect in [3/4, 4/3], 10 tries then a center crop)."""
-    area = h * w
-    log_ratio = (math.log(3 / 4), math.log(4 / 3))
-    for _ in range(10):
-        target = area * rng.uniform(scale_min, 1.0)
-        ratio = math.exp(rng.uniform(*log_ratio))
-        cw = int(round(math.sqrt(target * ratio)))
-        ch = int(round(math.sqrt(target / ratio)))
-        if 0 < cw <= w and 0 < ch <= h:
-            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
-    side = min(h, w)
-    return (h - side) // 2, (w - side) // 2, side, side
-
-
-def train_transform(
-    img: torch.Tensor, size: int, scale_min: float, hflip: bool, vflip: bool, rot90: bool, seed: int
-) -> torch.Tensor:
-    rng = np.random.default_rng(seed)
-    top, left, ch, cw = random_resized_crop_params(img.shape[1], img.shape[2], scale_min, rng)
-    out = TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
-    if hflip and rng.random() < 0.5:
-        out = out.flip(-1)
-    if vflip and rng.random() < 0.5:
-        out = out.flip(-2)
-    if rot90:
-        k = int(rng.integers(0, 4))
-        if k:
-            out = torch.rot90(out, k, dims=(-2, -1))
-    return out.contiguous()
-
-
-def eval_transform(img: torch.Tensor, size: int, crop_pct: float) -> torch.Tensor:
-    out = TF.resize(img, eval_resize_size(size, crop_pct), antialias=True)
-    return TF.center_crop(out, [size, size]).contiguous()
 
 
 class _ImageDataset(Dataset):
@@ -132,7 +72,7 @@ class _ImageDataset(Dataset):
         img = decode_rgb(self.paths[pos])
         d = self.d
         if seed < 0:
-            img = eval_transform(img, d.image_size, d.eval_crop_pct)
+            img = eval_transform(img, d.image_size, d.eval_crop_pct, d.eval_geometry)
         else:
             img = train_transform(img, d.image_size, d.scale_min, d.hflip, d.vflip, d.rot90, seed)
         return img, int(self.labels[pos]), pos
