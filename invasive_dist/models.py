@@ -76,6 +76,19 @@ def head_name(model: nn.Module) -> str:
     return last
 
 
+def head_names(model: nn.Module) -> tuple[str, ...]:
+    """Qualified names of every one-logit layer: the main head and the last linear layer of each
+    kept auxiliary head (Inception-v3, GoogLeNet). They are new layers, trained at the head's
+    learning rate, not the backbone's."""
+    names = [head_name(model)]
+    for aux in sorted({n for heads in AUX_HEADS.values() for n in heads}):
+        module = getattr(model, aux, None)
+        if isinstance(module, nn.Module):
+            linear = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+            names += [f"{aux}.{linear[-1]}"] if linear else []
+    return tuple(names)
+
+
 def _imagenet_weights(arch: str):
     try:
         return torchvision.models.get_model_weights(arch).DEFAULT

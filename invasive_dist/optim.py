@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import OptimConfig, TrainConfig
-from .models import head_name
+from .models import head_names
 
 
 def lr_lambda_factory(warmup_steps: int, total_steps: int, min_ratio: float):
@@ -35,13 +35,14 @@ def lr_lambda_factory(warmup_steps: int, total_steps: int, min_ratio: float):
 
 
 def param_groups(model: nn.Module, o: OptimConfig, lr: float) -> list[dict]:
-    """No weight decay on norms and biases; ``backbone_lr_mult`` for everything but the head."""
-    head = head_name(model) + "."
+    """No weight decay on norms and biases; ``backbone_lr_mult`` for everything but the one-logit
+    head(s) (the main head and any kept auxiliary heads' last layers)."""
+    heads = tuple(n + "." for n in head_names(model))
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = (name.startswith(head), p.ndim > 1)
+        key = (name.startswith(heads), p.ndim > 1)
         groups.setdefault(key, []).append(p)
     out = []
     for (is_head, decay), params in sorted(groups.items()):

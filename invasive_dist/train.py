@@ -245,6 +245,17 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        # A changed model.arch or model.aux_loss_weight: refuse by name before torch does (a removed aux
+        # head is a None submodule, whose saved keys torch's strict load does not report).
+        saved, ours = set(state["model"]), set(self.raw_model.state_dict())
+        if saved != ours:
+            diff = sorted(saved - ours)[:2] + sorted(ours - saved)[:2]
+            raise UserError(
+                f"{self._resume_from}: the checkpoint's model does not match this run's "
+                f"(model.arch={self.cfg.model.arch}, model.aux_loss_weight={self.cfg.model.aux_loss_weight}; "
+                f"differing keys such as {', '.join(diff)}). Resume with the settings it was trained with, "
+                "or start a new run (output.name=<new name>)"
+            )
         self.raw_model.load_state_dict(state["model"])
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"])

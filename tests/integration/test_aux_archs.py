@@ -10,6 +10,7 @@ each of its training steps would cost ~10 s on CPU.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ CASES = {
 # Two of the four (arch, backend) pairs: the model sees the same image tensors from every backend
 # (tests/unit/test_backends.py), and each pair costs 20-60 s here.
 @pytest.mark.parametrize("case, backend", [("inception_v3", "torch"), ("googlenet-aux", "dali")])
-def test_train_resume_evaluate_predict(case, backend, tiny_data, tmp_path):
+def test_train_resume_evaluate_predict(case, backend, tiny_data, tmp_path, capsys):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     # One epoch is 48 / 8 = 6 steps (tiny_data: 64 images, 4 folds).
@@ -47,6 +48,10 @@ def test_train_resume_evaluate_predict(case, backend, tiny_data, tmp_path):
     assert state["global_step"] == 2
     has_aux = any(k.startswith(("AuxLogits.", "aux1.", "aux2.")) for k in state["model"])
     assert has_aux == (case == "googlenet-aux")
+    if case == "googlenet-aux":  # resuming without the heads the checkpoint holds: a clear refusal
+        capsys.readouterr()
+        assert main(["train", *args, "resume=auto", "model.aux_loss_weight=0"]) == 2
+        assert re.search(r"does not match this run's .*aux_loss_weight=0\.0", capsys.readouterr().err)
     assert main(["train", *args, "resume=auto"]) == 0
     rows = read_metrics(run)
     steps = [r["step"] for r in rows if "train/loss" in r]

@@ -188,3 +188,17 @@ def test_imagenet_weights_with_and_without_aux_heads(monkeypatch, arch, weight, 
         assert m.get_submodule(aux_last).out_features == 1
     else:
         assert m.AuxLogits is None
+
+
+def test_kept_aux_heads_train_at_the_head_learning_rate():
+    """Kept aux heads end in new one-logit layers: like the main head they get optim.lr, not the
+    backbone's optim.lr x backbone_lr_mult."""
+    from invasive_dist.config import OptimConfig
+    from invasive_dist.optim import param_groups
+
+    m = build_model(ModelConfig(arch="googlenet", aux_loss_weight=0.3))
+    groups = param_groups(m, OptimConfig(backbone_lr_mult=0.1), lr=1.0)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for layer in (m.fc, m.aux1.fc2, m.aux2.fc2):
+        assert {lr_of[id(p)] for p in layer.parameters()} == {1.0}
+    assert {lr_of[id(p)] for p in m.conv1.parameters()} == {0.1}
