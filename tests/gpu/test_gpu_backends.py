@@ -27,6 +27,7 @@ EVAL_MEAN_TOL = 0.05  # normalized units; 0.0174 is one uint8 level
 
 
 def cfg(**kw) -> DataConfig:
+    # num_workers=0: the torch reference decodes in-process; its batches equal any worker count's.
     return DataConfig(image_size=64, batch_size=8, num_workers=0, dali_threads=2, **kw)
 
 

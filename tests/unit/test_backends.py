@@ -40,6 +40,7 @@ ONE_LEVEL = 1 / 255 / min(IMAGENET_STD) + 1e-4
 
 def cfg(size: int = 32, **kw) -> DataConfig:
     kw.setdefault("eval_geometry", "center_crop")  # the tolerances above; full's: test_fullframe.py
+    # num_workers=0: in-process decoding; batches equal any worker count's (test_watchdog checks 2).
     return DataConfig(image_size=size, batch_size=8, num_workers=0, dali_threads=1, **kw)
 
 
@@ -199,7 +200,7 @@ def test_gpu_cache_corrupt_jpeg_is_a_user_error_naming_the_file(index, tmp_path)
 def test_dali_cpu_pipeline_on_real_files(real_sample):
     """The real 1154x866 competition JPEGs through the CPU-only DALI pipeline at the real 224 px."""
     idx = train_index(real_sample)
-    d = DataConfig(image_size=224, batch_size=4, dali_threads=2, num_workers=0, rot90=True)
+    d = DataConfig(image_size=224, batch_size=4, dali_threads=2, num_workers=0, rot90=True)  # DALI: no workers
     d.eval_geometry = "center_crop"  # the tolerances below are center_crop's (full: test_fullframe)
     got, labels, pos = all_batches(dali_loader(idx, d, Shard(0, 2), CPU, False, 0))
     ref, _, ref_pos = all_batches(TorchLoader(idx, d, Shard(0, 2), CPU, False, 0))
@@ -214,7 +215,7 @@ def test_dali_cpu_pipeline_on_real_files(real_sample):
 
 def test_gpu_cache_on_real_files(real_sample):
     idx = train_index(real_sample)
-    d = DataConfig(image_size=224, batch_size=4, num_workers=0)
+    d = DataConfig(image_size=224, batch_size=4, num_workers=0)  # gpu_cache has no DataLoader workers
     got, _, pos = all_batches(GpuCacheLoader(idx, d, Shard(1, 2), CPU, False, 0))
     ref, _, ref_pos = all_batches(TorchLoader(idx, d, Shard(1, 2), CPU, False, 0))
     assert torch.equal(pos, ref_pos) and torch.equal(got, ref)

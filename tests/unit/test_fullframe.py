@@ -45,6 +45,7 @@ MEAN, STD = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_
 
 
 def cfg(size, **kw) -> DataConfig:
+    # num_workers=0: in-process decoding; batches equal any worker count's (test_watchdog checks 2).
     return DataConfig(image_size=size, batch_size=8, num_workers=0, dali_threads=1, **kw)
 
 

@@ -41,6 +41,7 @@ _LOADERS: dict = {}
 
 
 def _build(backend: str, index: DataIndex, shard: Shard, train: bool, seed: int, **cfg):
+    # num_workers=0: the plan, not the workers, decides the batches (test_watchdog checks 2 workers).
     d = DataConfig(image_size=32, batch_size=BATCH, num_workers=0, dali_threads=1, **cfg)
     if backend == "torch":
         from invasive_dist.data.torch_backend import TorchLoader as cls
