@@ -200,7 +200,8 @@ def test_gpu_cache_corrupt_jpeg_is_a_user_error_naming_the_file(index, tmp_path)
 def test_dali_cpu_pipeline_on_real_files(real_sample):
     """The real 1154x866 competition JPEGs through the CPU-only DALI pipeline at the real 224 px."""
     idx = train_index(real_sample)
-    d = DataConfig(image_size=224, batch_size=4, dali_threads=2, num_workers=0, rot90=True)  # DALI: no workers
+    # num_workers=0: DALI has no DataLoader workers.
+    d = DataConfig(image_size=224, batch_size=4, dali_threads=2, num_workers=0, rot90=True)
     d.eval_geometry = "center_crop"  # the tolerances below are center_crop's (full: test_fullframe)
     got, labels, pos = all_batches(dali_loader(idx, d, Shard(0, 2), CPU, False, 0))
     ref, _, ref_pos = all_batches(TorchLoader(idx, d, Shard(0, 2), CPU, False, 0))
