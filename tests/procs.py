@@ -32,6 +32,19 @@ def clean_env(fault: str | None = None, extra: dict | None = None) -> dict:
     return env
 
 
+def write_init_weights(path: Path, arch: str = "resnet18", seed: int = 1) -> tuple[Path, dict]:
+    """A fixed initial model as a ``model.weights`` file, so that 'how far training moved' is known."""
+    import torch
+
+    from invasive_dist.config import ModelConfig
+    from invasive_dist.models import build_model
+
+    torch.manual_seed(seed)
+    state = build_model(ModelConfig(arch=arch)).state_dict()
+    torch.save({"model": state}, path)
+    return path, state
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a launcher and all its descendants (torchrun starts each worker in its own session)."""
     import psutil

@@ -54,7 +54,7 @@ import pytest
 from invasive_dist.metrics import read_metrics
 
 from ..conftest import ROOT
-from ..procs import clean_env, kill_tree
+from ..procs import clean_env, kill_tree, write_init_weights
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -192,16 +192,7 @@ def square_data(work) -> Path:
 @pytest.fixture(scope="module")
 def init_weights(work) -> tuple[Path, dict]:
     """A fixed initial model (model.weights=FILE), so that 'how far training moved' is known."""
-    import torch
-
-    from invasive_dist.config import ModelConfig
-    from invasive_dist.models import build_model
-
-    torch.manual_seed(1)
-    state = build_model(ModelConfig(arch="resnet18")).state_dict()
-    path = work / "init.pt"
-    torch.save({"model": state}, path)
-    return path, state
+    return write_init_weights(work / "init.pt")
 
 
 @pytest.fixture(scope="module")

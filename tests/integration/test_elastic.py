@@ -42,7 +42,7 @@ import torch
 from invasive_dist.metrics import read_metrics
 
 from ..conftest import ROOT
-from ..procs import clean_env
+from ..procs import clean_env, write_init_weights
 from .test_distributed import Proc
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -83,14 +83,7 @@ def square_data(work) -> Path:
 
 @pytest.fixture(scope="module")
 def init_weights(work) -> tuple[Path, dict]:
-    from invasive_dist.config import ModelConfig
-    from invasive_dist.models import build_model
-
-    torch.manual_seed(1)
-    state = build_model(ModelConfig(arch="resnet18")).state_dict()
-    path = work / "init.pt"
-    torch.save({"model": state}, path)
-    return path, state
+    return write_init_weights(work / "init.pt")
 
 
 def launch(work, data, init, name: str, nproc: int, *extra: str) -> str:

@@ -22,7 +22,6 @@ from invasive_dist.data.base import IMAGENET_MEAN, IMAGENET_STD, Shard, sample_s
 from invasive_dist.data.gpu_cache import GpuCacheLoader, crop_plan, fused_crop, train_short_side
 from invasive_dist.data.kaggle import DataIndex, train_index
 from invasive_dist.data.synth import EDGE_BAND, image_rng, render_image
-from invasive_dist.data.synthetic import SyntheticLoader
 from invasive_dist.data.torch_backend import TorchLoader
 from invasive_dist.data.transforms import (
     eval_transform,
@@ -33,9 +32,10 @@ from invasive_dist.data.transforms import (
 from invasive_dist.errors import UserError
 from invasive_dist.predict import tta_note, tta_views
 
+from .test_backends import BACKENDS, dali_loader, needs_dali  # one table of the backends
+
 CPU = torch.device("cpu")
 HW = [24, 32]  # 4:3, the tiny set's 96x72 photos' aspect (and the Kaggle 1154x866 one's, nearly)
-needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia.dali does not import")
 DALI_EVAL_MEAN_TOL = 0.005  # as tests/unit/test_backends.py
 # eval_geometry=full, whole image: measured 0.0047-0.0057 mean here (tiny 96x72 set at 24-32 px), 0.0020
 # (real 1154x866 files at 224) and 0.0022 (at [336, 448]); the rest of the image as center_crop's.
@@ -49,12 +49,6 @@ def cfg(size, **kw) -> DataConfig:
     return DataConfig(image_size=size, batch_size=8, num_workers=0, dali_threads=1, **kw)
 
 
-def dali_loader(*args, **kw):
-    from invasive_dist.data.dali import DaliLoader
-
-    return DaliLoader(*args, **kw)
-
-
 def eval_images(loader) -> torch.Tensor:
     return torch.cat([b.images for b in loader.iter_epoch(0)])
 
@@ -62,14 +56,6 @@ def eval_images(loader) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def index(tiny_data) -> DataIndex:
     return train_index(tiny_data, limit=24)
-
-
-BACKENDS = {
-    "torch": TorchLoader,
-    "dali": pytest.param(dali_loader, marks=needs_dali),
-    "gpu_cache": GpuCacheLoader,
-    "synthetic": SyntheticLoader,
-}
 
 
 @pytest.mark.parametrize("make", BACKENDS.values(), ids=BACKENDS.keys())
