@@ -3,7 +3,7 @@
     invasive-dist bench --config configs/bench_r50.yaml --backend torch --backend dali
     python -m invasive_dist bench --config configs/bench_r50.yaml --backend gpu_cache    # the same
     invasive-dist bench --config configs/bench_r50.yaml --backend dali \\
-        --backend dali:dali_hw_decoder_load=0.65 train.compile=true --out runs/bench-compiled
+        --backend dali:hw_decoder_load=0.65 train.compile=true --out runs/bench-compiled
 
 In one process, on one device, with the config's model, resolution, batch, precision, memory format,
 ``train.compile`` and data, it measures three rates in images per second on this device:
@@ -21,7 +21,8 @@ ceiling is what bounds it. ``e2e / min`` says how well the two overlap: near 1 t
 share the same CPU cores, as on a CPU-only machine.
 
 ``--backend`` may be given several times (one row each; ``model`` is measured once). A backend may
-carry ``data.*`` settings of its own: ``dali:dali_hw_decoder_load=1.0,dali_threads=8``. A backend
+carry settings of its own section: ``dali:hw_decoder_load=1.0,threads=8`` sets ``data.dali.*``
+(``torch:num_workers=8``: ``data.torch.*``); a key starting with ``data.`` is a full path. A backend
 that fails gets a row with its error and the others still run; the exit status is then 1.
 Results, settings and a hardware description go to ``bench.json`` in ``--out`` (default: the run
 directory, ``output.root/output.name``), rewritten after every row.
@@ -47,7 +48,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from .build import loader_config
+from .build import loader_spec
 from .config import Config, _set_dotted, config_from_dict, load_config, parse_override, to_dict
 from .data import BACKENDS, Batch, build_loader, resolve_backend
 from .data.transforms import image_hw
@@ -128,22 +129,25 @@ def size_label(image_size: int | Sequence[int]) -> str:
 
 
 def parse_backend(spec: str, cfg: Config) -> tuple[str, Config]:
-    """``"dali:dali_hw_decoder_load=1.0"`` -> ("dali", cfg with data.backend=dali and that setting)."""
+    """``"dali:hw_decoder_load=1.0"`` -> ("dali", cfg with data.backend=dali and
+    data.dali.hw_decoder_load=1.0). Keys are the backend's own section's, or full ``data.*`` paths."""
     name, _, rest = spec.partition(":")
     name = name.strip()
     if name not in ("auto", *BACKENDS):
         raise UserError(f"--backend {spec!r}: {name!r} is not one of auto, {', '.join(BACKENDS)}")
+    section = BACKENDS[resolve_backend(name) if name == "auto" else name].section
     raw = to_dict(cfg)
     raw["data"]["backend"] = name
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, value = parse_override(item)
-        key = key.removeprefix("data.")
-        _set_dotted(raw, f"data.{key}", value)
+        if not key.startswith("data."):
+            key = f"data.{section}.{key}" if section else f"data.{key}"
+        _set_dotted(raw, key, value)
     try:
         return name, config_from_dict(raw, f"--backend {spec!r}")
     except UserError as e:
         raise UserError(
-            f"{e} (backend settings are data.* keys, e.g. dali:dali_hw_decoder_load=1.0)"
+            f"{e} (backend settings are keys of its section, e.g. dali:hw_decoder_load=1.0, or data.* paths)"
         ) from None
 
 
@@ -278,8 +282,11 @@ def measure_backend(trainer, cfg: Config, warmup: int, steps: int) -> dict:
     """(a) the loader of ``cfg.data.backend`` alone and (c) ``trainer.train_step`` fed by it."""
     device = trainer.device
     t0 = time.perf_counter()
-    lcfg = loader_config(cfg, trainer.plan)
-    loader = build_loader(trainer.train_idx, lcfg, trainer.shard, device, True, trainer.channels_last)
+    # No end of training: the loader is drawn across as many epochs as the measurement needs.
+    spec = dataclasses.replace(
+        loader_spec(cfg, trainer.acc, trainer.plan, trainer.train_idx, True), epochs=None
+    )
+    loader = build_loader(spec, cfg.data)
     setup_s = time.perf_counter() - t0
     per_step = trainer.plan.per_device * trainer.plan.accum
     build_info = getattr(loader, "build_info", None)  # gpu_cache: cache_build_s, cache_bytes, ...
@@ -350,9 +357,9 @@ def run_bench(
         "optimizer": cfg.optim.name,
         "data_root": d.root,
         "train_images": len(trainer.train_idx),
-        "num_workers": d.num_workers,
-        "dali_hw_decoder_load": d.dali_hw_decoder_load,
-        "dali_threads": d.dali_threads,
+        "data_torch": dataclasses.asdict(d.torch),
+        "data_dali": dataclasses.asdict(d.dali),
+        "data_gpu_cache": dataclasses.asdict(d.gpu_cache),
         "steps": steps,
         "warmup": warmup,
         "world_size": 1,

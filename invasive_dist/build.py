@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .data import Loader, Shard, build_loader
+from .data import Loader, LoaderSpec, Shard, build_loader
 from .data.check import cached_check, check_data
 from .data.kaggle import DataIndex, pseudo_index, split, train_index
 from .errors import UserError
@@ -153,8 +153,9 @@ class Data:
                 close()
 
 
-def loader_config(cfg: Config, plan: BatchPlan) -> Config:
-    """A copy of ``cfg`` whose ``data.batch_size`` is the plan's per-device batch (what loaders read)."""
+def resolved_config(cfg: Config, plan: BatchPlan) -> Config:
+    """The config as this run resolved it, for its ``config.yaml``: ``data.batch_size`` is the
+    plan's per-device batch (``cfg`` itself is left alone)."""
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=plan.per_device))
 
 
@@ -175,14 +176,26 @@ def build_data(cfg: Config, acc, plan: BatchPlan, train: bool = True, val: bool 
     # batch x accum sees the same samples in each optimizer step (e.g. 100 images, G=32: 4 steps
     # whether 2 x 16 x 1 or 2 x 8 x 2; the last step wraps to the epoch's first 28 samples).
     steps = -(-len(train_idx) // plan.global_batch)
-    lcfg = loader_config(cfg, plan)
-    shard = Shard(acc.process_index, plan.world, plan.accum)
-    channels_last = channels_last_on(cfg, acc.device)
-    train_loader = build_loader(train_idx, lcfg, shard, acc.device, True, channels_last) if train else None
-    if hasattr(train_loader, "epochs"):  # dali: its look-ahead never decodes past the last epoch
-        train_loader.epochs = cfg.train.epochs
-    val_loader = build_loader(val_idx, lcfg, shard, acc.device, False, channels_last) if val else None
+    train_loader = build_loader(loader_spec(cfg, acc, plan, train_idx, True), d) if train else None
+    val_loader = build_loader(loader_spec(cfg, acc, plan, val_idx, False), d) if val else None
     return Data(train_idx, val_idx, train_loader, val_loader, steps)
+
+
+def loader_spec(cfg: Config, acc, plan: BatchPlan, index: DataIndex, train: bool) -> LoaderSpec:
+    """The spec of this rank's loader of ``index``: the plan's per-device batch and shard, the run's
+    seed, the model's memory format; a training loader knows the epochs (DALI's look-ahead stops
+    at the end of the last)."""
+    return LoaderSpec.of(
+        index,
+        cfg.data,
+        Shard(acc.process_index, plan.world, plan.accum),
+        acc.device,
+        train,
+        cfg.seed,
+        channels_last_on(cfg, acc.device),
+        per_device=plan.per_device,
+        epochs=cfg.train.epochs if train else None,
+    )
 
 
 def build_model_on(cfg: Config, world: int, device: torch.device) -> tuple[nn.Module, bool]:

@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME[:KEY=VALUE,...]",
         help=f"data backend ({', '.join(('auto', *BACKENDS))}), optionally with data.* settings, "
-        "e.g. dali:dali_hw_decoder_load=1.0; repeat to compare (default: data.backend)",
+        "e.g. dali:hw_decoder_load=1.0; repeat to compare (default: data.backend)",
     )
     s.add_argument("--steps", type=int, default=30, help="measured steps of each figure (default 30)")
     s.add_argument("--warmup", type=int, default=5, help="unmeasured steps before each (default 5)")

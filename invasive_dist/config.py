@@ -29,7 +29,11 @@ from typing import Any, Literal
 import yaml
 
 from .archs import model_problems
+from .data.dali import DaliConfig
+from .data.gpu_cache import GpuCacheConfig
+from .data.torch_backend import TorchConfig
 from .errors import UserError
+from .files import write_text
 
 
 @dataclass
@@ -50,15 +54,13 @@ class DataConfig:
     batch_size: int = 32  # per-device micro-batch
     global_batch_size: int = 0  # if set: batch_size = this / (processes x grad_accum), must divide
     eval_batch_size: int = 0  # per-device batch for validation/prediction (0 = 2 x batch_size)
-    num_workers: int = 2  # torch backend: decoding worker processes per rank
     on_bad_file: Literal["error", "skip"] = "error"  # bad images: refuse to train, or exclude them
     check_cache: bool = True  # cache the data check by file sizes and mtimes
-    dali_hw_decoder_load: float = 0.9  # dali: share of JPEG decoding on the hardware decoder
-    dali_threads: int = 0  # dali: CPU threads per pipeline (0 = the cores of this process's share)
-    dali_hybrid_huffman_threshold: int = -1  # dali: pixels above which Huffman is GPU-assisted (-1: by cores)
-    dali_prefetch: int = 2  # dali: batches decoded ahead of the consumer, across epoch ends too
-    cache_short_side: int = 0  # gpu_cache: stored image shorter side (0 = image_size/scale bound)
     pseudo_csv: str = ""  # name,invasive rows of test/ images added to the training folds only
+    # Each backend's own settings, declared beside the backend (data/torch_backend.py, dali.py, gpu_cache.py).
+    torch: TorchConfig = field(default_factory=TorchConfig)
+    dali: DaliConfig = field(default_factory=DaliConfig)
+    gpu_cache: GpuCacheConfig = field(default_factory=GpuCacheConfig)
 
 
 @dataclass
@@ -242,12 +244,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {_type_name(tp)} at {where}")  # a bug, not user error
 
 
+# Keys that moved into a backend's own section: an old config gets told where they went.
+MOVED = {
+    "data.num_workers": "data.torch.num_workers",
+    "data.dali_hw_decoder_load": "data.dali.hw_decoder_load",
+    "data.dali_threads": "data.dali.threads",
+    "data.dali_hybrid_huffman_threshold": "data.dali.hybrid_huffman_threshold",
+    "data.dali_prefetch": "data.dali.prefetch",
+    "data.cache_short_side": "data.gpu_cache.short_side",
+}
+
+
 def _build(cls: type, raw: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
         path = f"{where}.{unknown[0]}" if where else unknown[0]
+        if path in MOVED:
+            raise UserError(f"config key {path!r} is now {MOVED[path]!r} (each backend has its own section)")
         raise UserError(
             f"unknown config key {path!r}{_did_you_mean(unknown[0], names, f'{where}.' if where else '')}; "
             f"valid keys{' of ' + where if where else ''}: " + ", ".join(sorted(names))
@@ -360,18 +375,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         problems.append(f"data.eval_crop_pct={d.eval_crop_pct} must be in (0, 1]")
     if not 0.0 < d.scale_min <= 1.0:
         problems.append(f"data.scale_min={d.scale_min} must be in (0, 1]")
-    if d.cache_short_side and d.cache_short_side < min(sides):
-        problems.append(
-            f"data.cache_short_side={d.cache_short_side} is smaller than "
-            f"data.image_size={d.image_size}: the stored image cannot hold the crop"
-        )
-    if not 0.0 <= d.dali_hw_decoder_load <= 1.0:
-        problems.append(f"data.dali_hw_decoder_load={d.dali_hw_decoder_load} must be in [0, 1]")
-    if d.dali_threads < 0 or d.dali_prefetch < 0 or d.dali_hybrid_huffman_threshold < -1:
-        problems.append(
-            f"data.dali_threads={d.dali_threads} and data.dali_prefetch={d.dali_prefetch} must be >= 0, "
-            f"data.dali_hybrid_huffman_threshold={d.dali_hybrid_huffman_threshold} >= -1 (-1 = auto)"
-        )
+    problems += d.torch.problems() + d.dali.problems()
+    if not any("data.image_size" in p for p in problems):
+        problems += d.gpu_cache.problems(d.image_size)
     if t.grad_accum != "auto" and t.grad_accum < 1:
         problems.append(f"train.grad_accum={t.grad_accum} must be >= 1")
     if t.epochs < 1:
@@ -468,9 +474,5 @@ def describe(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    """Write the resolved config atomically (``files.write_text``)."""
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -80,11 +80,11 @@ _COMPAT_IGNORED = (
     "dist.",
     "data.root",
     "data.fold",
-    "data.num_workers",
+    "data.torch.",
     "data.eval_batch_size",
     "data.check_cache",
     "data.backend",
-    "data.dali_",
+    "data.dali.",
     "train.log_every",
     "checkpoint.",
 )
@@ -137,7 +137,7 @@ def config_differences(saved: Config, new: Config) -> list[str]:
     a, b = _flat(to_dict(saved)), _flat(to_dict(new))
     diffs = []
     for k in sorted(set(a) | set(b)):
-        if any(k == p or (p.endswith((".", "_")) and k.startswith(p)) for p in _COMPAT_IGNORED):
+        if any(k == p or (p.endswith(".") and k.startswith(p)) for p in _COMPAT_IGNORED):
             continue
         if a.get(k) != b.get(k):
             diffs.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")

@@ -6,7 +6,7 @@
     hang@3:1       rank 1 stops responding after step 3, before the next collective (the bound on
                    collectives, ``dist.timeout_s``, ends the job)
     data_hang@5:1  a DataLoader worker of rank 1 sleeps forever when asked for its 5th sample (the
-                   bound on the data wait ends the job); torch backend with ``data.num_workers > 0``
+                   bound on the data wait ends the job); torch backend with ``data.torch.num_workers > 0``
 
 Steps are 1-based optimizer steps (``global_step`` after the step). Faults fire on the first attempt
 only (not after a torchrun restart or a Slurm requeue). The trainer holds one :class:`Faults` object;

@@ -39,9 +39,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .build import channels_last_on
 from .checkpoint import Checkpointer, load_checkpoint
 from .config import Config, load_config
-from .data import Shard, build_loader
+from .data import LoaderSpec, Shard, build_loader
 from .data.check import cached_check
 from .data.kaggle import DataIndex, read_csv_text, test_index
 from .data.transforms import image_hw
@@ -255,7 +256,7 @@ def predict_member(
 ) -> np.ndarray:
     """Probabilities of one run for every image of ``index`` (in index order), on every rank."""
     device = acc.device
-    channels_last = cfg.model.channels_last and device.type == "cuda"
+    channels_last = channels_last_on(cfg, device)
     model = load_model_for_inference(cfg, run_dir, checkpoint or cfg.predict.checkpoint).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -265,7 +266,9 @@ def predict_member(
     note = tta_note(cfg.predict.tta, cfg.data.image_size)
     if note and acc.is_main_process:
         print(note, flush=True)
-    loader = build_loader(index, cfg, shard, device, train=False, channels_last=channels_last)
+    loader = build_loader(
+        LoaderSpec.of(index, cfg.data, shard, device, False, cfg.seed, channels_last), cfg.data
+    )
     positions, probs = predict_probs(model, loader, acc, cfg.predict.tta, channels_last)
     if len(positions) != len(index) or not np.array_equal(positions, np.arange(len(index))):
         raise RuntimeError(f"prediction covered {len(positions)} of {len(index)} images")  # a bug

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.profiler import record_function
 
-from .build import BatchPlan, Data, build_data, build_model_on, loader_config, resolve_batch
+from .build import BatchPlan, Data, build_data, build_model_on, resolve_batch, resolved_config
 from .checkpoint import Checkpointer, refuse_mixed_run
 from .config import Config, save_config, to_dict
 from .data import Shard
@@ -310,7 +310,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # The resolved file holds the per-device batch this run used.
-            save_config(loader_config(cfg, self.plan), self.run_dir / "config.yaml")
+            save_config(resolved_config(cfg, self.plan), self.run_dir / "config.yaml")
         state, self._resume_state = self._resume_state, None  # the trainer keeps no second copy
         if state is not None:
             self.load_state_dict(state)

@@ -47,7 +47,7 @@ def cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: f
     )
 
 
-# Small, fast training settings for CPU tests (override lists for `train`). data.num_workers stays
+# Small, fast training settings for CPU tests (override lists for `train`). data.torch.num_workers stays
 # at the shipped default (2 DataLoader workers): the tests run the path users run.
 FAST_TRAIN = [
     "model.arch=resnet18",

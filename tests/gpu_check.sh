@@ -33,7 +33,7 @@ DRY=${GPU_CHECK_DRY:-0}
 if [[ $DRY == 1 ]]; then
     : "${GPU_CHECK_IMAGES:=40}" "${GPU_CHECK_SIZE:=96x72}" "${GPU_CHECK_GROUPS:=resnet18:eager}"
     : "${GPU_CHECK_WINDOW_S:=0.2}" "${GPU_CHECK_DATA:=${TMPDIR:-/tmp}/invasive-dist-gpu-check-dry}"
-    : "${GPU_CHECK_OVERRIDES:=data.image_size=64 data.batch_size=8 data.num_workers=2 train.mixed_precision=no}"
+    : "${GPU_CHECK_OVERRIDES:=data.image_size=64 data.batch_size=8 data.torch.num_workers=2 train.mixed_precision=no}"
 fi
 DATA=${GPU_CHECK_DATA:-$ROOT/data/bench}
 IMAGES=${GPU_CHECK_IMAGES:-2295}

@@ -1,23 +1,47 @@
-"""Data: the Kaggle layout (``kaggle``), the batch contract (``base``) and the backends.
+"""Data: the Kaggle layout (``kaggle``), the loader contract (``base``) and the backends.
 
-``build_loader`` is the one place a backend is chosen; every backend takes the same arguments and
-yields the same ``Batch``.
+    spec = LoaderSpec.of(index, cfg.data, Shard(rank, world), device, train=True, seed=cfg.seed)
+    loader = build_loader(spec, cfg.data)          # the backend data.backend names, its own section
+
+One contract: every backend is a class built from a frozen :class:`LoaderSpec` (the split, image
+geometry, shard, batch, seed, device) and its own config section (``data.torch``, ``data.dali``,
+``data.gpu_cache``; declared beside the backend), and yields the same ``Batch``. :data:`BACKENDS` is
+the registry; a backend's module is imported only when it is built (DALI is optional).
 """
 
 from __future__ import annotations
 
-import torch
+import importlib
+from dataclasses import dataclass
 
 from ..errors import UserError
-from .base import Batch, Loader, Shard
+from .base import Batch, ImageSpec, Loader, LoaderSpec, Shard
 from .kaggle import DataIndex
 
-BACKENDS = ("torch", "dali", "gpu_cache", "synthetic")
+
+@dataclass(frozen=True)
+class Backend:
+    """A registry entry: where the loader class lives and which ``data.*`` section configures it."""
+
+    module: str  # module of invasive_dist.data
+    loader: str  # the class: Loader(spec, section)
+    section: str | None  # the DataConfig field holding its settings (None: it has none)
+
+    def loader_class(self) -> type:
+        return getattr(importlib.import_module(f"{__name__}.{self.module}"), self.loader)
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch_backend", "TorchLoader", "torch"),
+    "dali": Backend("dali", "DaliLoader", "dali"),
+    "gpu_cache": Backend("gpu_cache", "GpuCacheLoader", "gpu_cache"),
+    "synthetic": Backend("synthetic", "SyntheticLoader", None),
+}
 
 
 def dali_available() -> bool:
     try:
-        import nvidia.dali  # noqa: F401
+        import nvidia.dali  # noqa: F401  (optional, heavy: imported only to ask)
     except Exception:
         return False
     return True
@@ -27,6 +51,8 @@ def resolve_backend(name: str) -> str:
     """``auto`` is dali where it imports, else torch."""
     if name == "auto":
         return "dali" if dali_available() else "torch"
+    if name not in BACKENDS:
+        raise UserError(f"data.backend={name!r} is not one of auto, {', '.join(BACKENDS)}")
     if name == "dali" and not dali_available():
         raise UserError(
             "data.backend=dali but nvidia.dali does not import; install nvidia-dali-cuda130 "
@@ -35,33 +61,22 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def build_loader(
-    index: DataIndex,
-    cfg,
-    shard: Shard,
-    device: torch.device,
-    train: bool,
-    channels_last: bool = False,
-) -> Loader:
-    backend = resolve_backend(cfg.data.backend)
-    args = (index, cfg.data, shard, device, train, cfg.seed, channels_last)
-    if backend == "torch":
-        from .torch_backend import TorchLoader
-
-        return TorchLoader(*args)
-    if backend == "dali":
-        from .dali import DaliLoader
-
-        return DaliLoader(*args)
-    if backend == "gpu_cache":
-        from .gpu_cache import GpuCacheLoader
-
-        return GpuCacheLoader(*args)
-    if backend == "synthetic":
-        from .synthetic import SyntheticLoader
-
-        return SyntheticLoader(*args)
-    raise UserError(f"data.backend={backend!r} is not one of auto, {', '.join(BACKENDS)}")
+def build_loader(spec: LoaderSpec, data) -> Loader:
+    """The loader of ``data.backend`` (a ``DataConfig``) for ``spec``, built with its own section."""
+    backend = BACKENDS[resolve_backend(data.backend)]
+    section = getattr(data, backend.section) if backend.section else None
+    return backend.loader_class()(spec, section)
 
 
-__all__ = ["Batch", "DataIndex", "Loader", "Shard", "build_loader", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "Batch",
+    "DataIndex",
+    "ImageSpec",
+    "Loader",
+    "LoaderSpec",
+    "Shard",
+    "build_loader",
+    "dali_available",
+    "resolve_backend",
+]

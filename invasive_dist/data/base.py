@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .kaggle import DataIndex
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -112,30 +113,91 @@ def normalize_on_device(images_u8: torch.Tensor, device: torch.device, channels_
     return x
 
 
-def loader_batch_size(cfg_data, train: bool) -> int:
-    """Per-device batch of a loader: ``batch_size`` for training, ``eval_batch_size`` (default
-    twice that: no gradients to keep) for validation and prediction."""
-    return cfg_data.batch_size if train else (cfg_data.eval_batch_size or 2 * cfg_data.batch_size)
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a loader makes of an image, the same in every backend (``transforms`` has the rules);
+    read from the ``data.*`` keys of the same names by :meth:`from_config`."""
+
+    size: tuple[int, int]  # (height, width) of the model input (``data.image_size``)
+    eval_geometry: str = "full"  # "full" frame or "center_crop" for validation and prediction
+    eval_crop_pct: float = 0.875  # center_crop: the crop's share of the resized image
+    scale_min: float = 0.35  # training crops: lower bound of the area fraction
+    hflip: bool = True  # training: random horizontal flips
+    vflip: bool = True  # training: random vertical flips
+    rot90: bool = False  # training: random quarter turns (half turns for a non-square size)
+
+    @classmethod
+    def from_config(cls, d) -> ImageSpec:
+        """From a ``DataConfig`` (``data.image_size`` may be one side or [height, width])."""
+        size = (d.image_size, d.image_size) if isinstance(d.image_size, int) else tuple(d.image_size)
+        return cls(
+            (int(size[0]), int(size[1])),
+            d.eval_geometry,
+            d.eval_crop_pct,
+            d.scale_min,
+            d.hflip,
+            d.vflip,
+            d.rot90,
+        )
 
 
-class LoaderBase:
-    """What every backend keeps from its constructor arguments (the ``build_loader`` signature)."""
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything a backend is built from besides its own config section (``data.torch``,
+    ``data.dali``, ``data.gpu_cache``): the one loader contract, made by :meth:`of` and handed to
+    ``data.build_loader``. Frozen: a loader never changes what it was asked for."""
 
-    def __init__(
-        self,
-        index,
-        cfg_data,
+    index: DataIndex  # the split, in order
+    image: ImageSpec  # the image geometry and augmentations
+    shard: Shard  # this rank's part of the split
+    batch: int  # per-device batch of this loader
+    train: bool  # training order and augmentation, or the evaluation order and view
+    seed: int  # the run's seed: order and augmentation are pure functions of it
+    device: torch.device  # where batches are delivered
+    channels_last: bool = False  # NHWC images (the model's memory format on a GPU)
+    epochs: int | None = None  # training epochs the consumer draws (None: no end known)
+
+    @classmethod
+    def of(
+        cls,
+        index: DataIndex,
+        d,
         shard: Shard,
-        device: torch.device,
+        device: torch.device | str,
         train: bool,
         seed: int,
         channels_last: bool = False,
-    ) -> None:
-        if len(index) == 0:
+        per_device: int | None = None,
+        epochs: int | None = None,
+    ) -> LoaderSpec:
+        """The spec of a loader from a ``DataConfig`` ``d``. ``per_device``: the per-device training
+        batch (``build.BatchPlan.per_device``; default ``data.batch_size``). Evaluation loaders use
+        ``data.eval_batch_size``, or twice the training batch when 0: no gradients to keep."""
+        batch = per_device or d.batch_size
+        if not train:
+            batch = d.eval_batch_size or 2 * batch
+        return cls(
+            index,
+            ImageSpec.from_config(d),
+            shard,
+            batch,
+            train,
+            seed,
+            torch.device(device),
+            channels_last,
+            epochs,
+        )
+
+
+class LoaderBase:
+    """What every backend keeps of its :class:`LoaderSpec`."""
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        if len(spec.index) == 0:
             raise UserError(
-                f"{type(self).__name__}: the {'training' if train else 'evaluation'} split is empty"
+                f"{type(self).__name__}: the {'training' if spec.train else 'evaluation'} split is empty"
             )
-        self.index, self.d, self.shard, self.device = index, cfg_data, shard, torch.device(device)
-        self.train, self.seed, self.channels_last = train, seed, channels_last
-        self.n = len(index)
-        self.batch = loader_batch_size(cfg_data, train)
+        self.spec, self.index, self.image, self.shard = spec, spec.index, spec.image, spec.shard
+        self.device, self.train, self.seed = spec.device, spec.train, spec.seed
+        self.channels_last, self.batch = spec.channels_last, spec.batch
+        self.n = len(spec.index)

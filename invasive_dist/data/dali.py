@@ -2,8 +2,8 @@
 JPEG decoding on the GPU (``mixed``) or, without CUDA, the same pipeline on CPU operators
 (``device_id=None``).
 
-    loader = DaliLoader(index, cfg.data, Shard(rank, world), device, train=True, seed=0)
-    loader.epochs = cfg.train.epochs  # optional: the look-ahead never decodes past the last epoch
+    spec = LoaderSpec.of(index, cfg.data, Shard(rank, world), device, True, 0, epochs=cfg.train.epochs)
+    loader = DaliLoader(spec, cfg.data.dali)  # epochs: the look-ahead never decodes past the last one
     for batch in loader.iter_epoch(epoch, start_step=0): ...
 
 Feeding. The pipeline is built once, in the constructor. Every iteration gets its batch from
@@ -49,21 +49,21 @@ clamps and torchvision's renormalizes the cut filter (up to 0.40 normalized ther
 image 0.0020 on the real 1154x866 files at 224 px, against 0.0017 without the ring).
 The last batch of a shard is fed short: nothing is padded, nothing decoded twice.
 
-Look-ahead (``data.dali_prefetch`` batches, default 2). The pipeline runs with
+Look-ahead (``data.dali.prefetch`` batches, default 2). The pipeline runs with
 ``prefetch_queue_depth=1`` and the loader schedules the look-ahead itself: with a deeper queue DALI
 runs that many iterations at the first ``schedule_run`` whether or not they exist (a 1-step evaluation
 decoded two batches), and with one it accepts any number of scheduled iterations without blocking
 (measured: 8 scheduled in 1.6 ms, then decoded in order). Before handing out batch k the loader
 schedules up to k + prefetch, and the training loader runs on across the epoch's end into the next
 epoch's first batches (what the training loop asks for after the evaluation), but not past
-``loader.epochs`` when that is set. An evaluation of n batches decodes n. Asked for another batch than
+the spec's ``epochs`` when that is set. An evaluation of n batches decodes n. Asked for another batch than
 the one at the head of the queue (a resume elsewhere, an abandoned epoch), the loader takes the
 queued batches out unused (counted in ``wasted``) and starts again at the one asked for.
 
 Machine-aware settings (``resolve_settings``): CPU threads per pipeline = the cores of this process's
 share of the machine (its CPU affinity, divided by the processes per node unless the launcher already
-bound it to a subset), or ``data.dali_threads``; hardware-decoder share ``data.dali_hw_decoder_load``;
-``hybrid_huffman_threshold`` (``data.dali_hybrid_huffman_threshold``, auto: see
+bound it to a subset), or ``data.dali.threads``; hardware-decoder share ``data.dali.hw_decoder_load``;
+``hybrid_huffman_threshold`` (``data.dali.hybrid_huffman_threshold``, auto: see
 ``auto_huffman_threshold``); ``preallocate_width_hint``/``height_hint`` from the largest image of the
 split. Hand-over to torch without a copy: ``torch.from_dlpack`` of DALI's output (with the default
 dynamic executor DALI does not reuse an output buffer that is still referenced), bound to torch's
@@ -85,8 +85,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali import math as dmath
 
 from ..distributed import world_info_from_env
 from ..errors import UserError
@@ -94,16 +92,16 @@ from .base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Batch,
+    ImageSpec,
     LoaderBase,
-    Shard,
+    LoaderSpec,
     eval_plan,
     sample_seeds,
     train_plan,
     train_steps,
 )
 from .gpu_cache import _oriented_size
-from .kaggle import DataIndex
-from .transforms import eval_cover_size, fallback_box, image_hw, log_ratio_range, quarter_turns
+from .transforms import eval_cover_size, fallback_box, log_ratio_range, quarter_turns
 
 # DALI's default hybrid_huffman_threshold: images above it use nvJPEG's GPU-assisted Huffman decoder.
 DALI_HUFFMAN_THRESHOLD = 1_000_000
@@ -129,15 +127,39 @@ def auto_huffman_threshold(cores: int, hw_decoder_load: float) -> int:
     but less of it. Keep DALI's default (1 MP: the Kaggle 1154x866 = 999,364 px photos stay on the
     host) when the cores can keep up, else 0. E.g. 16 cores, 8 GPUs, load 0.9: 2 cores x 300 =
     600 img/s >= 0.1 x 4,000 = 400, host; at load 0.65 (DALI's default) 1,400 img/s are needed,
-    hybrid. The rates are estimates, not measured: ``bench --backend dali:dali_hybrid_huffman_threshold=0``
+    hybrid. The rates are estimates, not measured: ``bench --backend dali:hybrid_huffman_threshold=0``
     measures the other choice."""
     cpu_share = (1.0 - hw_decoder_load) * TARGET_IMG_PER_GPU
     return DALI_HUFFMAN_THRESHOLD if cores * HUFFMAN_IMG_PER_CORE >= cpu_share else 0
 
 
+@dataclass
+class DaliConfig:
+    """``data.dali``: the DALI backend's settings."""
+
+    hw_decoder_load: float = 0.9  # share of JPEG decoding on the GPU's hardware decoder (mixed only)
+    threads: int = 0  # CPU threads per pipeline (0 = the cores of this process's share)
+    hybrid_huffman_threshold: int = -1  # pixels above which Huffman is GPU-assisted (-1: by cores)
+    prefetch: int = 2  # batches decoded ahead of the consumer, across epoch ends too
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            problems.append(f"data.dali.hw_decoder_load={self.hw_decoder_load} must be in [0, 1]")
+        if self.threads < 0 or self.prefetch < 0:
+            problems.append(
+                f"data.dali.threads={self.threads} and data.dali.prefetch={self.prefetch} must be >= 0"
+            )
+        if self.hybrid_huffman_threshold < -1:
+            problems.append(
+                f"data.dali.hybrid_huffman_threshold={self.hybrid_huffman_threshold} must be >= -1 (-1 = auto)"
+            )
+        return problems
+
+
 @dataclass(frozen=True)
 class DaliSettings:
-    """What a pipeline is built with, resolved from ``data.dali_*`` and the machine."""
+    """What a pipeline is built with, resolved from ``data.dali`` and the machine."""
 
     threads: int  # DALI CPU threads of the pipeline
     prefetch: int  # batches scheduled ahead of the one handed out
@@ -147,17 +169,17 @@ class DaliSettings:
     height_hint: int  # preallocate_height_hint: tallest image of the split
 
 
-def resolve_settings(cfg_data, sizes: np.ndarray) -> DaliSettings:
+def resolve_settings(cfg: DaliConfig, sizes: np.ndarray) -> DaliSettings:
     """``sizes``: (N, 2) oriented (height, width) of the split's images."""
     cores = cores_per_process()
-    threads = cfg_data.dali_threads or cores
-    threshold = cfg_data.dali_hybrid_huffman_threshold
+    threads = cfg.threads or cores
+    threshold = cfg.hybrid_huffman_threshold
     if threshold < 0:
-        threshold = auto_huffman_threshold(cores, cfg_data.dali_hw_decoder_load)
+        threshold = auto_huffman_threshold(cores, cfg.hw_decoder_load)
     return DaliSettings(
         threads=threads,
-        prefetch=cfg_data.dali_prefetch,
-        hw_decoder_load=cfg_data.dali_hw_decoder_load,
+        prefetch=cfg.prefetch,
+        hw_decoder_load=cfg.hw_decoder_load,
         hybrid_huffman_threshold=threshold,
         width_hint=int(sizes[:, 1].max()),
         height_hint=int(sizes[:, 0].max()),
@@ -204,18 +226,18 @@ def _uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def augment_params(sizes: np.ndarray, seeds: np.ndarray, d) -> AugmentParams:
+def augment_params(sizes: np.ndarray, seeds: np.ndarray, image: ImageSpec) -> AugmentParams:
     """Random-resized crops as torchvision draws them (area in [scale_min, 1] of the image,
     log-uniform aspect in ``transforms.log_ratio_range`` of the input size, the first of 10 tries
     that fits, else ``transforms.fallback_box``), coin flips and turns (``transforms.quarter_turns``),
     for a batch: ``sizes`` (B, 2) oriented (height, width), ``seeds`` the per-sample seeds
     (``base.sample_seeds``). The draws are made whatever the config, so a crop does not depend on
     whether flips or rotations are on."""
-    hw = image_hw(d.image_size)
+    hw = image.size
     log_ratio = log_ratio_range(hw)
     h, w = sizes[:, :1].astype(np.float64), sizes[:, 1:].astype(np.float64)
     u = _uniforms(seeds, 2 * TRIES + 5)
-    area = h * w * (d.scale_min + (1.0 - d.scale_min) * u[:, :TRIES])
+    area = h * w * (image.scale_min + (1.0 - image.scale_min) * u[:, :TRIES])
     ratio = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[:, TRIES : 2 * TRIES])
     cw, ch = np.round(np.sqrt(area * ratio)), np.round(np.sqrt(area / ratio))
     fits = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
@@ -251,6 +273,9 @@ def _torchvision_eval_geometry(jpegs, cover: tuple[int, int], hw: tuple[int, int
     ``round((n - size) / 2)``, halves to the even neighbour. DALI's own ``resize_shorter`` keeps a
     fractional scale and its 0.5 crop rounds halves up; either is a pixel off, which on real photos
     costs about 15 levels of mean difference."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
     # (H, W, C) after EXIF orientation, from the encoded file: CPU-only, whatever decodes it.
     shape = fn.peek_image_shape(jpegs, dtype=types.INT32)
     h, w = shape[0], shape[1]
@@ -277,8 +302,10 @@ def _torchvision_eval_geometry(jpegs, cover: tuple[int, int], hw: tuple[int, int
 NAMES, ANCHOR, SHAPE, HFLIP, VFLIP, ANGLE = "names", "anchor", "shape", "hflip", "vflip", "angle"
 
 
-@pipeline_def
-def _pipeline(train: bool, gpu: bool, d, settings: DaliSettings, channels_last: bool):
+def _graph(train: bool, gpu: bool, image: ImageSpec, settings: DaliSettings, channels_last: bool):
+    """The pipeline's graph (``pipeline_def`` makes it a pipeline in ``DaliLoader._build``)."""
+    from nvidia.dali import fn, types
+
     names = fn.external_source(name=NAMES, dtype=types.UINT8, ndim=1)
     jpegs = fn.io.file.read(names)
     decoder = {"device": "cpu"}
@@ -290,7 +317,7 @@ def _pipeline(train: bool, gpu: bool, d, settings: DaliSettings, channels_last: 
             "preallocate_width_hint": settings.width_hint,
             "preallocate_height_hint": settings.height_hint,
         }
-    hw = image_hw(d.image_size)
+    hw = image.size
     if train:
         anchor = fn.external_source(name=ANCHOR, dtype=types.FLOAT, ndim=1)  # (left, top)
         shape = fn.external_source(name=SHAPE, dtype=types.FLOAT, ndim=1)  # (width, height)
@@ -305,13 +332,13 @@ def _pipeline(train: bool, gpu: bool, d, settings: DaliSettings, channels_last: 
             **decoder,
         )
         images = fn.resize(images, resize_x=hw[1], resize_y=hw[0], antialias=True)
-        if d.hflip or d.vflip:
+        if image.hflip or image.vflip:
             images = fn.flip(
                 images,
-                horizontal=fn.external_source(name=HFLIP, dtype=types.INT32, ndim=0) if d.hflip else 0,
-                vertical=fn.external_source(name=VFLIP, dtype=types.INT32, ndim=0) if d.vflip else 0,
+                horizontal=fn.external_source(name=HFLIP, dtype=types.INT32, ndim=0) if image.hflip else 0,
+                vertical=fn.external_source(name=VFLIP, dtype=types.INT32, ndim=0) if image.vflip else 0,
             )
-        if d.rot90:
+        if image.rot90:
             # Counter-clockwise by 90 k degrees = torch.rot90(k, dims=(H, W)), as the torch backend
             # (k even for a non-square size, so keep_size never cuts).
             angle = fn.external_source(name=ANGLE, dtype=types.FLOAT, ndim=0)
@@ -319,11 +346,11 @@ def _pipeline(train: bool, gpu: bool, d, settings: DaliSettings, channels_last: 
         crop_pos_x = crop_pos_y = 0.5  # the image is already image_size
     else:
         images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
-        if d.eval_geometry == "full":  # the whole frame to (h, w): the crop below cuts nothing
+        if image.eval_geometry == "full":  # the whole frame to (h, w): the crop below cuts nothing
             resize_x, resize_y, crop_pos_x, crop_pos_y = float(hw[1]), float(hw[0]), 0.5, 0.5
         else:
             resize_x, resize_y, crop_pos_x, crop_pos_y = _torchvision_eval_geometry(
-                jpegs, eval_cover_size(hw, d.eval_crop_pct), hw
+                jpegs, eval_cover_size(hw, image.eval_crop_pct), hw
             )
         images = fn.resize(images, resize_x=resize_x, resize_y=resize_y, antialias=True, subpixel_scale=False)
     return fn.crop_mirror_normalize(
@@ -352,21 +379,11 @@ class DaliLoader(LoaderBase):
     and yields device batches. ``builds``, ``decoded`` and ``wasted`` count pipeline builds, batches
     scheduled and scheduled batches taken out unused."""
 
-    epochs: int | None = None  # epochs the consumer draws (None: no end known); look-ahead stops there
-
-    def __init__(
-        self,
-        index: DataIndex,
-        cfg_data,
-        shard: Shard,
-        device: torch.device,
-        train: bool,
-        seed: int,
-        channels_last: bool = False,
-    ) -> None:
-        super().__init__(index, cfg_data, shard, device, train, seed, channels_last)
+    def __init__(self, spec: LoaderSpec, cfg: DaliConfig) -> None:
+        super().__init__(spec)
+        self.epochs = spec.epochs  # the look-ahead stops at the end of the last epoch (None: no end)
         self.gpu = self.device.type == "cuda"
-        n = self.n
+        n, index, shard = self.n, self.index, self.shard
         missing = [p for p in index.paths if not os.path.isfile(p)]
         if missing:
             raise UserError(
@@ -378,9 +395,9 @@ class DaliLoader(LoaderBase):
         with ThreadPoolExecutor(min(8, cores_per_process() * 2)) as pool:
             # (height, width) after EXIF orientation, from the headers: the crop boxes need them.
             self.sizes = np.array(list(pool.map(_oriented_size, index.paths)), dtype=np.int64)
-        self.settings = resolve_settings(cfg_data, self.sizes)
+        self.settings = resolve_settings(cfg, self.sizes)
         self.labels = torch.tensor(np.asarray(index.labels, dtype=np.float32), device=self.device)
-        if train:
+        if self.train:
             self.steps_per_epoch = train_steps(n, self.batch, shard)
         else:
             self._eval_plan = eval_plan(n, self.batch, shard)
@@ -396,10 +413,12 @@ class DaliLoader(LoaderBase):
     # The pipeline.
 
     def _build(self) -> None:
-        self._pipe = _pipeline(
+        from nvidia.dali import pipeline_def
+
+        self._pipe = pipeline_def(_graph)(
             self.train,
             self.gpu,
-            self.d,
+            self.image,
             self.settings,
             self.channels_last,
             batch_size=self.batch,
@@ -451,14 +470,14 @@ class DaliLoader(LoaderBase):
             step * self.batch + np.arange(len(positions))
         )
         p = augment_params(
-            self.sizes[positions], sample_seeds(self.seed, epoch, self.shard.rank, slots), self.d
+            self.sizes[positions], sample_seeds(self.seed, epoch, self.shard.rank, slots), self.image
         )
         params = {ANCHOR: np.stack([p.left, p.top], 1), SHAPE: np.stack([p.width, p.height], 1)}
-        if self.d.hflip:
+        if self.image.hflip:
             params[HFLIP] = p.hflip.astype(np.int32)
-        if self.d.vflip:
+        if self.image.vflip:
             params[VFLIP] = p.vflip.astype(np.int32)
-        if self.d.rot90:
+        if self.image.rot90:
             params[ANGLE] = (90.0 * p.quarter_turns).astype(np.float32)
         return params
 

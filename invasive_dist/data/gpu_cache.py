@@ -1,6 +1,6 @@
 """The gpu_cache backend: decode the split once, keep it on the device as uint8, augment batches there.
 
-    loader = GpuCacheLoader(index, cfg.data, Shard(rank, world), device, train=True, seed=0)
+    loader = GpuCacheLoader(LoaderSpec.of(index, cfg.data, Shard(rank, world), device, True, 0), cfg.data.gpu_cache)
     loader.build_info  # {"cache_build_s": ..., "cache_bytes": ... (this rank), "cache_images": ...}
     for batch in loader.iter_epoch(epoch, start_step=0): ...
 
@@ -24,7 +24,7 @@ kept in ``build_info``.
 What is stored:
 
 - train: every image of the split resized to one (H, W) whose shorter side is
-  ``data.cache_short_side``, or when 0 ``max(ceil(image_size / sqrt(scale_min)), round(image_size / eval_crop_pct))``
+  ``data.gpu_cache.short_side``, or when 0 ``max(ceil(image_size / sqrt(scale_min)), round(image_size / eval_crop_pct))``
   = 379 for 224 / 0.35: the smallest random-resized crop (area ``scale_min`` of the image, aspect 1)
   is then still at least image_size pixels wide, so crops are (nearly) never upsampled. (H, W)
   follow the most common image size's aspect; an image of another aspect is center-cropped to that
@@ -82,15 +82,15 @@ from .base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Batch,
+    ImageSpec,
     LoaderBase,
-    Shard,
+    LoaderSpec,
     eval_plan,
     sample_seeds,
     train_plan,
     train_steps,
 )
 from .check import EXIF_ORIENTATION
-from .kaggle import DataIndex
 from .transforms import (
     decode_rgb,
     eval_cover_size,
@@ -106,15 +106,29 @@ TRIES = 10  # random-resized-crop attempts before the centred fallback box, as t
 DRAWS = 2 * TRIES + 5  # uniforms per sample: 10 x (area, aspect), top, left, hflip, vflip, rot90
 
 
-def train_short_side(cfg_data) -> int:
+@dataclass
+class GpuCacheConfig:
+    """``data.gpu_cache``: the gpu_cache backend's settings."""
+
+    short_side: int = 0  # stored training image's shorter side (0 = no upsampling of the smallest crop)
+
+    def problems(self, image_size: int | list[int]) -> list[str]:
+        if self.short_side and self.short_side < min(image_hw(image_size)):
+            return [
+                f"data.gpu_cache.short_side={self.short_side} is smaller than data.image_size={image_size}: "
+                "the stored image cannot hold the crop"
+            ]
+        return [f"data.gpu_cache.short_side={self.short_side} must be >= 0"] if self.short_side < 0 else []
+
+
+def train_short_side(image: ImageSpec, cfg: GpuCacheConfig) -> int:
     """Shorter side of the stored training images (see the module docstring)."""
-    if cfg_data.cache_short_side:
-        return cfg_data.cache_short_side
-    hw = image_hw(cfg_data.image_size)
+    if cfg.short_side:
+        return cfg.short_side
     # The input's shorter side: for a [h, w] input of the photos' own aspect the smallest crop is
     # then at least (h, w) too.
-    no_upsampling = math.ceil(min(hw) / math.sqrt(cfg_data.scale_min))
-    return max(no_upsampling, min(eval_cover_size(hw, cfg_data.eval_crop_pct)))
+    no_upsampling = math.ceil(min(image.size) / math.sqrt(image.scale_min))
+    return max(no_upsampling, min(eval_cover_size(image.size, image.eval_crop_pct)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,18 +333,10 @@ def _decode_or_none(data: torch.Tensor) -> torch.Tensor | None:
 class GpuCacheLoader(LoaderBase):
     """One split, one rank: the split decoded once onto ``device``; batches augmented there."""
 
-    def __init__(
-        self,
-        index: DataIndex,
-        cfg_data,
-        shard: Shard,
-        device: torch.device,
-        train: bool,
-        seed: int,
-        channels_last: bool = False,
-    ) -> None:
-        super().__init__(index, cfg_data, shard, device, train, seed, channels_last)
-        n = self.n
+    def __init__(self, spec: LoaderSpec, cfg: GpuCacheConfig) -> None:
+        super().__init__(spec)
+        self.cfg = cfg
+        n, shard, train = self.n, self.shard, self.train
         if train:
             self.steps_per_epoch = train_steps(n, self.batch, shard)
             positions = np.arange(n)  # every epoch's permutation spans the whole split
@@ -341,7 +347,7 @@ class GpuCacheLoader(LoaderBase):
         row_of = torch.full((n,), -1, dtype=torch.int64)
         row_of[torch.from_numpy(positions)] = torch.arange(len(positions))
         self.row_of = row_of.to(self.device)
-        self.labels = torch.tensor(np.asarray(index.labels, dtype=np.float32), device=self.device)
+        self.labels = torch.tensor(np.asarray(self.index.labels, dtype=np.float32), device=self.device)
         t0 = time.perf_counter()
         self.images = self._build_cache(positions)  # (rows, 3, H, W) uint8 on the device
         if self.device.type == "cuda":
@@ -372,18 +378,19 @@ class GpuCacheLoader(LoaderBase):
 
     def _stored_shape(self, positions: np.ndarray, pool: ThreadPoolExecutor) -> tuple[int, int]:
         if not self.train:
-            return image_hw(self.d.image_size)
+            return self.image.size
         shapes = list(pool.map(_oriented_size, [self.index.paths[i] for i in positions]))
         self.dominant = Counter(shapes).most_common(1)[0][0]
         h, w = self.dominant
-        short = train_short_side(self.d)
+        short = train_short_side(self.image, self.cfg)
         # torchvision's rule for resize(short): the longer side is truncated.
         return (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
 
     def _fit(self, img: torch.Tensor) -> torch.Tensor:
         """A decoded (3, h, w) or (b, 3, h, w) uint8 image in the stored form."""
         if not self.train:
-            return eval_transform(img, self.d.image_size, self.d.eval_crop_pct, self.d.eval_geometry)
+            m = self.image
+            return eval_transform(img, m.size, m.eval_crop_pct, m.eval_geometry)
         H, W = self.stored
         h, w = img.shape[-2:]
         if (h, w) != self.dominant and h * W != w * H:  # another aspect: center-crop to ours first
@@ -403,7 +410,7 @@ class GpuCacheLoader(LoaderBase):
                     raise UserError(
                         f"data.backend=gpu_cache: {len(positions)} images at {H}x{W} need {nbytes / 2**30:.1f} GiB, "
                         f"more than half of the {free / 2**30:.1f} GiB free on {self.device}; lower "
-                        "data.cache_short_side or use data.backend=dali"
+                        "data.gpu_cache.short_side or use data.backend=dali"
                     )
             cache = torch.empty((len(positions), 3, H, W), dtype=torch.uint8, device=self.device)
             paths = [self.index.paths[i] for i in positions]
@@ -479,8 +486,8 @@ class GpuCacheLoader(LoaderBase):
         slots = plan.astype(np.int64) + np.int64(self.n) * np.arange(steps * batch).reshape(steps, batch)
         seeds = sample_seeds(self.seed, epoch, self.shard.rank, slots.ravel())
         H, W = self.stored
-        d = self.d
-        return plan, crop_plan(seeds, H, W, d.scale_min, d.hflip, d.vflip, d.rot90, image_hw(d.image_size))
+        m = self.image
+        return plan, crop_plan(seeds, H, W, m.scale_min, m.hflip, m.vflip, m.rot90, m.size)
 
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         if start_step >= self.steps_per_epoch:
@@ -508,7 +515,7 @@ class GpuCacheLoader(LoaderBase):
                     self.images,
                     self.row_of[idx],
                     params_all[step * b : (step + 1) * b],
-                    image_hw(self.d.image_size),
+                    self.image.size,
                     self.scale,
                     self.shift,
                     self.channels_last,

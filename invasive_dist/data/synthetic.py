@@ -14,33 +14,22 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .base import Batch, LoaderBase, Shard, eval_plan, train_plan, train_steps
-from .kaggle import DataIndex
-from .transforms import image_hw
+from .base import Batch, LoaderBase, LoaderSpec, eval_plan, train_plan, train_steps
 
 POOL = 2  # distinct batches kept on the device; 2 x 256 x 3 x 224 x 224 float32 = 308 MB
 
 
 class SyntheticLoader(LoaderBase):
-    def __init__(
-        self,
-        index: DataIndex,
-        cfg_data,
-        shard: Shard,
-        device: torch.device,
-        train: bool,
-        seed: int,
-        channels_last: bool = False,
-    ) -> None:
-        super().__init__(index, cfg_data, shard, device, train, seed, channels_last)
-        if train:
-            self.steps_per_epoch = train_steps(self.n, self.batch, shard)
+    def __init__(self, spec: LoaderSpec, cfg: None = None) -> None:
+        super().__init__(spec)
+        if self.train:
+            self.steps_per_epoch = train_steps(self.n, self.batch, self.shard)
         else:
-            self.plan = eval_plan(self.n, self.batch, shard)
+            self.plan = eval_plan(self.n, self.batch, self.shard)
             self.steps_per_epoch = len(self.plan)
-        gen = torch.Generator().manual_seed(seed)
-        h, w = image_hw(cfg_data.image_size)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        gen = torch.Generator().manual_seed(self.seed)
+        h, w = self.image.size
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.pool = [
             torch.randn((self.batch, 3, h, w), generator=gen).to(self.device, memory_format=fmt)
             for _ in range(POOL)

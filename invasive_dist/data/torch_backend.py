@@ -28,6 +28,7 @@ import multiprocessing.context
 import signal
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,8 +37,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .. import faults
 from .base import (
     Batch,
+    ImageSpec,
     LoaderBase,
-    Shard,
+    LoaderSpec,
     eval_plan,
     normalize_on_device,
     sample_seeds,
@@ -50,18 +52,35 @@ from .kaggle import DataIndex
 # importable from here.
 from .transforms import decode_rgb, eval_transform, random_resized_crop_params, train_transform
 
-__all__ = ["TorchLoader", "decode_rgb", "eval_transform", "random_resized_crop_params", "train_transform"]
+__all__ = [
+    "TorchConfig",
+    "TorchLoader",
+    "decode_rgb",
+    "eval_transform",
+    "random_resized_crop_params",
+    "train_transform",
+]
 
 START_METHOD = "forkserver"
+
+
+@dataclass
+class TorchConfig:
+    """``data.torch``: the torch backend's settings."""
+
+    num_workers: int = 2  # decoding worker processes per rank (0 = decode in the training process)
+
+    def problems(self) -> list[str]:
+        return [f"data.torch.num_workers={self.num_workers} must be >= 0"] if self.num_workers < 0 else []
 
 
 class _ImageDataset(Dataset):
     """Item = (position, augmentation seed or -1 for the eval transform)."""
 
-    def __init__(self, index: DataIndex, cfg_data) -> None:
+    def __init__(self, index: DataIndex, image: ImageSpec) -> None:
         self.paths = index.paths
         self.labels = index.labels
-        self.d = cfg_data
+        self.image = image
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -70,11 +89,11 @@ class _ImageDataset(Dataset):
         pos, seed = item
         faults.data_item()
         img = decode_rgb(self.paths[pos])
-        d = self.d
+        m = self.image
         if seed < 0:
-            img = eval_transform(img, d.image_size, d.eval_crop_pct, d.eval_geometry)
+            img = eval_transform(img, m.size, m.eval_crop_pct, m.eval_geometry)
         else:
-            img = train_transform(img, d.image_size, d.scale_min, d.hflip, d.vflip, d.rot90, seed)
+            img = train_transform(img, m.size, m.scale_min, m.hflip, m.vflip, m.rot90, seed)
         return img, int(self.labels[pos]), pos
 
 
@@ -173,24 +192,15 @@ class TorchLoader(LoaderBase):
     One DataLoader for the loader's life; with ``num_workers > 0`` its workers start at the first
     ``iter_epoch`` and stay (``persistent_workers``) until :meth:`close` or garbage collection."""
 
-    def __init__(
-        self,
-        index: DataIndex,
-        cfg_data,
-        shard: Shard,
-        device: torch.device,
-        train: bool,
-        seed: int,
-        channels_last: bool = False,
-    ) -> None:
-        super().__init__(index, cfg_data, shard, device, train, seed, channels_last)
-        self.dataset = _ImageDataset(index, cfg_data)
-        if train:
-            self.steps_per_epoch = train_steps(len(index), self.batch, shard)
+    def __init__(self, spec: LoaderSpec, cfg: TorchConfig) -> None:
+        super().__init__(spec)
+        self.dataset = _ImageDataset(self.index, self.image)
+        if self.train:
+            self.steps_per_epoch = train_steps(self.n, self.batch, self.shard)
         else:
-            self.steps_per_epoch = len(eval_plan(len(index), self.batch, shard))
+            self.steps_per_epoch = len(eval_plan(self.n, self.batch, self.shard))
         self.sampler = _EpochPlan()
-        workers = self.d.num_workers
+        workers = cfg.num_workers
         self.loader = DataLoader(
             self.dataset,
             batch_sampler=self.sampler,

@@ -19,6 +19,7 @@ settings, hardware, model_img_per_s, rows) and ``OUT/summary.txt``, rewritten af
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import itertools
 import json
@@ -64,7 +65,7 @@ def run_group(args) -> int:
     import torch
 
     from invasive_dist.bench import batch_pool, endless, hardware, parse_backend, verdict
-    from invasive_dist.build import loader_config
+    from invasive_dist.build import loader_spec
     from invasive_dist.config import load_config
     from invasive_dist.data import build_loader, resolve_backend
     from invasive_dist.distributed import build_accelerator, world_info_from_env
@@ -113,8 +114,8 @@ def run_group(args) -> int:
             "compile": compiled,
             "train_images": len(trainer.train_idx),
             "data_root": d.root,
-            "num_workers": d.num_workers,
-            "dali_hw_decoder_load": d.dali_hw_decoder_load,
+            "data_torch": dataclasses.asdict(d.torch),
+            "data_dali": dataclasses.asdict(d.dali),
             "warmup": args.warmup,
             "windows": args.windows,
             "window_s": args.window_s,
@@ -154,8 +155,9 @@ def run_group(args) -> int:
         row = {"resolved": resolve_backend(name)}
         reset_peak()
         t0 = time.perf_counter()
-        lcfg = loader_config(bcfg, trainer.plan)
-        loader = build_loader(trainer.train_idx, lcfg, trainer.shard, dev, True, trainer.channels_last)
+        # No end of training: the loader is drawn across as many epochs as the windows need.
+        spec = dataclasses.replace(loader_spec(bcfg, acc, trainer.plan, trainer.train_idx, True), epochs=None)
+        loader = build_loader(spec, bcfg.data)
         row["setup_s"] = time.perf_counter() - t0
         row.update(getattr(loader, "build_info", {}))
         it = endless(loader)

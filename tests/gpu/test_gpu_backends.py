@@ -15,8 +15,11 @@ import torch
 from invasive_dist.config import DataConfig
 from invasive_dist.data import dali_available
 from invasive_dist.data.base import Shard
+from invasive_dist.data.dali import DaliConfig
 from invasive_dist.data.kaggle import DataIndex, train_index
-from invasive_dist.data.torch_backend import TorchLoader
+from invasive_dist.data.torch_backend import TorchConfig
+
+from ..loaders import make_loader
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,17 +31,9 @@ EVAL_MEAN_TOL = 0.05  # normalized units; 0.0174 is one uint8 level
 
 def cfg(**kw) -> DataConfig:
     # num_workers=0: the torch reference decodes in-process; its batches equal any worker count's.
-    return DataConfig(image_size=64, batch_size=8, num_workers=0, dali_threads=2, **kw)
-
-
-def make(backend: str, *args, **kw):
-    if backend == "dali":
-        from invasive_dist.data.dali import DaliLoader
-
-        return DaliLoader(*args, **kw)
-    from invasive_dist.data.gpu_cache import GpuCacheLoader
-
-    return GpuCacheLoader(*args, **kw)
+    return DataConfig(
+        image_size=64, batch_size=8, torch=TorchConfig(num_workers=0), dali=DaliConfig(threads=2), **kw
+    )
 
 
 BACKENDS = [pytest.param("dali", marks=needs_dali), "gpu_cache"]
@@ -56,7 +51,9 @@ def test_cuda_batches_match_the_contract(index, backend, train):
     world = 2
     seen = []
     for rank in range(world):
-        loader = make(backend, index, cfg(rot90=True), Shard(rank, world), dev, train, 0, channels_last=True)
+        loader = make_loader(
+            backend, index, cfg(rot90=True), Shard(rank, world), dev, train, 0, channels_last=True
+        )
         batches = list(loader.iter_epoch(1))
         assert len(batches) == loader.steps_per_epoch
         for b in batches:
@@ -74,8 +71,8 @@ def test_cuda_batches_match_the_contract(index, backend, train):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_eval_is_close_to_the_cpu_torch_backend(index, backend):
     dev = torch.device("cuda", torch.cuda.current_device())
-    ref = list(TorchLoader(index, cfg(), Shard(), torch.device("cpu"), False, 0).iter_epoch(0))
-    got = list(make(backend, index, cfg(), Shard(), dev, False, 0).iter_epoch(0))
+    ref = list(make_loader("torch", index, cfg(), Shard(), torch.device("cpu"), False, 0).iter_epoch(0))
+    got = list(make_loader(backend, index, cfg(), Shard(), dev, False, 0).iter_epoch(0))
     ref_images = torch.cat([b.images for b in ref])
     got_images = torch.cat([b.images.cpu() for b in got])
     assert torch.equal(torch.cat([b.index.cpu() for b in got]), torch.cat([b.index for b in ref]))
@@ -89,7 +86,7 @@ def test_cuda_eval_is_close_to_the_cpu_torch_backend(index, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_train_is_deterministic_and_resumable(index, backend):
     dev = torch.device("cuda", torch.cuda.current_device())
-    loader = make(backend, index, cfg(), Shard(0, 1), dev, True, 0)
+    loader = make_loader(backend, index, cfg(), Shard(0, 1), dev, True, 0)
     full = list(loader.iter_epoch(2))
     tail = list(loader.iter_epoch(2, start_step=2))
     for a, b in zip(full[2:], tail):
@@ -99,10 +96,8 @@ def test_cuda_train_is_deterministic_and_resumable(index, backend):
 
 def test_gpu_cache_steps_do_not_sync_the_host(index):
     dev = torch.device("cuda", torch.cuda.current_device())
-    from invasive_dist.data.gpu_cache import GpuCacheLoader
-
     for train in (True, False):
-        loader = GpuCacheLoader(index, cfg(rot90=True), Shard(0, 1), dev, train, 0)
+        loader = make_loader("gpu_cache", index, cfg(rot90=True), Shard(0, 1), dev, train, 0)
         it = loader.iter_epoch(0)
         next(it)  # the epoch's one plan upload happens before the first batch
         torch.cuda.set_sync_debug_mode("error")
@@ -117,9 +112,7 @@ def test_gpu_cache_under_deterministic_algorithms(index):
     """train.deterministic turns on torch.use_deterministic_algorithms: the fused crop (gather and
     matrix products) must still run, and give the same batches twice."""
     dev = torch.device("cuda", torch.cuda.current_device())
-    from invasive_dist.data.gpu_cache import GpuCacheLoader
-
-    loader = GpuCacheLoader(index, cfg(), Shard(0, 1), dev, True, 0)
+    loader = make_loader("gpu_cache", index, cfg(), Shard(0, 1), dev, True, 0)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         a = [b.images for b in loader.iter_epoch(0)]

@@ -16,8 +16,10 @@ import torch
 from invasive_dist.config import DataConfig
 from invasive_dist.data import gpu_cache
 from invasive_dist.data.base import IMAGENET_STD, Shard
-from invasive_dist.data.gpu_cache import GpuCacheLoader
 from invasive_dist.data.kaggle import DataIndex, train_index
+from invasive_dist.data.torch_backend import TorchConfig
+
+from ..loaders import make_loader
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,12 +45,12 @@ def real_size(tmp_path_factory) -> DataIndex:
 
 def cfg(**kw) -> DataConfig:
     # num_workers=0: gpu_cache uses no DataLoader workers.
-    return DataConfig(image_size=224, batch_size=16, num_workers=0, **kw)
+    return DataConfig(image_size=224, batch_size=16, torch=TorchConfig(num_workers=0), **kw)
 
 
 def test_gpu_decoded_cache_equals_the_cpu_one_within_a_level(real_size):
-    got = GpuCacheLoader(real_size, cfg(), Shard(), cuda(), True, 0).images.cpu().int()
-    ref = GpuCacheLoader(real_size, cfg(), Shard(), CPU, True, 0).images.int()
+    got = make_loader("gpu_cache", real_size, cfg(), Shard(), cuda(), True, 0).images.cpu().int()
+    ref = make_loader("gpu_cache", real_size, cfg(), Shard(), CPU, True, 0).images.int()
     assert got.shape == ref.shape == (80, 3, 379, 505)
     diff = (got - ref).abs().float()
     print(
@@ -67,7 +69,7 @@ def test_decode_is_ordered_after_queued_work(real_size, monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(gpu_cache, "decode_jpeg", checked)
-    GpuCacheLoader(real_size, cfg(), Shard(), cuda(), True, 0)
+    make_loader("gpu_cache", real_size, cfg(), Shard(), cuda(), True, 0)
     assert idle == [True, True]  # 80 files: two chunks
 
 
@@ -75,9 +77,9 @@ def test_cuda_batches_equal_cpu_batches_from_the_same_cache(real_size):
     """Same cache, same plan: the fp16 products on the side stream agree with CPU fp32 to well under
     a level (a race between the streams would show as whole wrong images)."""
     for rank in (0, 1):
-        ref_loader = GpuCacheLoader(real_size, cfg(rot90=True), Shard(rank, 2), CPU, True, 0)
-        loader = GpuCacheLoader(
-            real_size, cfg(rot90=True), Shard(rank, 2), cuda(), True, 0, channels_last=True
+        ref_loader = make_loader("gpu_cache", real_size, cfg(rot90=True), Shard(rank, 2), CPU, True, 0)
+        loader = make_loader(
+            "gpu_cache", real_size, cfg(rot90=True), Shard(rank, 2), cuda(), True, 0, channels_last=True
         )
         loader.images = ref_loader.images.to(loader.device)
         ref = list(ref_loader.iter_epoch(5))
@@ -96,7 +98,9 @@ def test_steps_sync_the_host_nowhere(real_size, monkeypatch):
     calls = []
     real = torch.cuda.synchronize
     for train in (True, False):
-        loader = GpuCacheLoader(real_size, cfg(rot90=True), Shard(0, 1), cuda(), train, 0, channels_last=True)
+        loader = make_loader(
+            "gpu_cache", real_size, cfg(rot90=True), Shard(0, 1), cuda(), train, 0, channels_last=True
+        )
         total = torch.zeros((), device=loader.device)
         it = loader.iter_epoch(0)
         next(it)  # the epoch's one upload of the plan happens before the first batch

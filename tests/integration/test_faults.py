@@ -437,7 +437,7 @@ def test_data_worker_that_sleeps_forever_ends_the_job_with_rank_and_stack(root, 
         root,
         "data-hang",
         f"dist.timeout_s={WEDGE_BOUND}",
-        "data.num_workers=2",
+        "data.torch.num_workers=2",
         data=tiny_data,
         fault="data_hang@17:1",
     )

@@ -99,7 +99,7 @@ def test_resume_continues_epoch_count(tmp_path, tiny_data, capsys):
 
 def test_exact_resume_mid_epoch(tmp_path, tiny_data):
     """Stopped at step 3 (mid-epoch 1) and resumed, a run ends with the same weights, bit for bit."""
-    extra = ["train.epochs=2", "data.num_workers=1", "train.ema_decay=0.9"]
+    extra = ["train.epochs=2", "data.torch.num_workers=1", "train.ema_decay=0.9"]
     assert train(tmp_path, tiny_data, "full", *extra)[0] == 0
     assert train(tmp_path, tiny_data, "cut", *extra, "train.max_steps=3")[0] == 0
     state = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)

@@ -95,10 +95,10 @@ def test_bench_cpu_writes_consistent_figures(tiny_data, tmp_path, capsys):
 def test_bench_reports_a_failing_backend_and_measures_the_others(tiny_data, tmp_path, monkeypatch):
     real = bench.build_loader
 
-    def build_loader(index, cfg, *args, **kwargs):
-        if cfg.data.backend == "gpu_cache":
+    def build_loader(spec, data):
+        if data.backend == "gpu_cache":
             raise RuntimeError("no decoder for you")
-        return real(index, cfg, *args, **kwargs)
+        return real(spec, data)
 
     monkeypatch.setattr(bench, "build_loader", build_loader)
     rc, result = _bench(tiny_data, tmp_path, "gpu_cache", "synthetic", steps=2, warmup=1)
@@ -109,13 +109,18 @@ def test_bench_reports_a_failing_backend_and_measures_the_others(tiny_data, tmp_
 
 
 def test_backend_spec_carries_data_settings():
-    cfg = load_config(None, ["data.dali_hw_decoder_load=0.65"])
-    name, bcfg = bench.parse_backend("dali:dali_hw_decoder_load=1.0,data.dali_threads=8", cfg)
+    cfg = load_config(None, ["data.dali.hw_decoder_load=0.65"])
+    # Keys of the backend's own section, or full data.* paths.
+    name, bcfg = bench.parse_backend(
+        "dali:hw_decoder_load=1.0,data.dali.threads=8,data.eval_batch_size=4", cfg
+    )
     assert name == "dali" and bcfg.data.backend == "dali"
-    assert (bcfg.data.dali_hw_decoder_load, bcfg.data.dali_threads) == (1.0, 8)
-    assert cfg.data.dali_hw_decoder_load == 0.65  # the run's config is left alone
-    with pytest.raises(UserError, match="dali_hw_decoder_lod"):
-        bench.parse_backend("dali:dali_hw_decoder_lod=1.0", cfg)
+    assert (bcfg.data.dali.hw_decoder_load, bcfg.data.dali.threads, bcfg.data.eval_batch_size) == (1.0, 8, 4)
+    assert cfg.data.dali.hw_decoder_load == 0.65  # the run's config is left alone
+    _, tcfg = bench.parse_backend("torch:num_workers=5", cfg)
+    assert tcfg.data.torch.num_workers == 5 and tcfg.data.dali.hw_decoder_load == 0.65
+    with pytest.raises(UserError, match="data.dali.hw_decoder_lod"):
+        bench.parse_backend("dali:hw_decoder_lod=1.0", cfg)
     with pytest.raises(UserError, match="not one of"):
         bench.parse_backend("pil", cfg)
 

@@ -88,8 +88,12 @@ def test_bad_override_names_override(tmp_path):
 def test_impossible_combinations(tmp_path):
     with pytest.raises(UserError, match="data.fold=5"):
         load_config(write(tmp_path, ""), ["data.fold=5", "data.n_folds=5"])
-    with pytest.raises(UserError, match="cache_short_side"):
-        load_config(write(tmp_path, ""), ["data.cache_short_side=100", "data.image_size=224"])
+    with pytest.raises(UserError, match="data.gpu_cache.short_side=100 is smaller than data.image_size=224"):
+        load_config(write(tmp_path, ""), ["data.gpu_cache.short_side=100", "data.image_size=224"])
+    with pytest.raises(UserError, match="data.dali.hw_decoder_load=1.5 must be in"):
+        load_config(write(tmp_path, ""), ["data.dali.hw_decoder_load=1.5"])
+    with pytest.raises(UserError, match="data.torch.num_workers=-1"):
+        load_config(write(tmp_path, ""), ["data.torch.num_workers=-1"])
     with pytest.raises(UserError, match="grad_accum"):
         load_config(write(tmp_path, ""), ["train.grad_accum=0"])
 
@@ -185,3 +189,16 @@ def test_describe_has_every_key_with_its_comment_and_loads_back(tmp_path):
     # every leaf key is on a line with a comment
     leaves = [line for line in text.splitlines() if not line.rstrip().endswith(":")]
     assert len(leaves) > 60 and all("  # " in line for line in leaves)
+
+
+def test_each_backend_has_its_own_section_and_old_keys_say_where_they_went(tmp_path):
+    cfg = load_config(write(tmp_path, "data:\n  torch:\n    num_workers: 7\n"), ["data.dali.threads=3"])
+    assert (cfg.data.torch.num_workers, cfg.data.dali.threads, cfg.data.gpu_cache.short_side) == (7, 3, 0)
+    with pytest.raises(
+        UserError, match=r"c.yaml: config key 'data.num_workers' is now 'data.torch.num_workers'"
+    ):
+        load_config(write(tmp_path, "data:\n  num_workers: 7\n"))
+    with pytest.raises(UserError, match=r"override 'data.dali_threads=3'.*now 'data.dali.threads'"):
+        load_config(write(tmp_path, ""), ["data.dali_threads=3"])
+    with pytest.raises(UserError, match=r"'data.dali.thread'.*did you mean 'data.dali.threads'"):
+        load_config(write(tmp_path, ""), ["data.dali.thread=3"])

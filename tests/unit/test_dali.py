@@ -16,14 +16,18 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from invasive_dist.config import DataConfig, config_from_dict
+from invasive_dist.data import ImageSpec
 from invasive_dist.data.base import IMAGENET_MEAN, IMAGENET_STD, Shard, eval_plan, sample_seeds, train_plan
+from invasive_dist.data.dali import DaliConfig
 from invasive_dist.data.kaggle import DataIndex, train_index
-from invasive_dist.data.torch_backend import TorchLoader, decode_rgb, random_resized_crop_params
+from invasive_dist.data.torch_backend import TorchConfig, decode_rgb, random_resized_crop_params
 from invasive_dist.errors import UserError
 
 dali = pytest.importorskip("nvidia.dali", reason="nvidia.dali does not import")
 from invasive_dist.data import dali as dali_backend  # noqa: E402
-from invasive_dist.data.dali import DaliLoader, augment_params  # noqa: E402
+from invasive_dist.data.dali import augment_params  # noqa: E402
+
+from ..loaders import make_loader  # noqa: E402
 
 N = 50  # with batch 8 no world size divides it: training wraps, evaluation ends in short batches
 BATCH = 8
@@ -33,7 +37,9 @@ TRAIN_VS_TORCH_IMAGE_MEAN_TOL = 0.02  # measured at most 0.0063 (module docstrin
 
 def cfg(**kw) -> DataConfig:
     # num_workers only matters to the torch backend; one DALI thread: the machine has 2 cores.
-    return DataConfig(image_size=32, batch_size=BATCH, num_workers=0, dali_threads=1, **kw)
+    return DataConfig(
+        image_size=32, batch_size=BATCH, torch=TorchConfig(num_workers=0), dali=DaliConfig(threads=1), **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +54,8 @@ def indices(batches) -> list[np.ndarray]:
 def test_three_epochs_with_evaluation_build_each_pipeline_once(index):
     """What the training loop does: 3 epochs, an evaluation after each. One build per loader, every
     batch decoded once, the look-ahead crossing into the next epoch, nothing past the last."""
-    train = DaliLoader(index, cfg(), Shard(0, 1), CPU, True, 0)
-    val = DaliLoader(index, cfg(), Shard(0, 1), CPU, False, 0)
-    train.epochs = 3
+    train = make_loader("dali", index, cfg(), Shard(0, 1), CPU, True, 0, epochs=3)
+    val = make_loader("dali", index, cfg(), Shard(0, 1), CPU, False, 0)
     steps, prefetch = train.steps_per_epoch, train.settings.prefetch
     assert steps == 7 and val.steps_per_epoch == 4 and prefetch == 2  # ceil(50 / 8), ceil(50 / 16)
     for epoch in range(3):
@@ -71,8 +76,8 @@ def test_three_epochs_with_evaluation_build_each_pipeline_once(index):
 def test_every_sample_every_epoch_in_the_torch_plan(index, world):
     """Per rank, one streaming loader over 3 epochs yields the torch backend's plan: the same batches
     of indices, every sample at least once per epoch across ranks, equal step counts."""
-    loaders = [DaliLoader(index, cfg(), Shard(r, world), CPU, True, 0) for r in range(world)]
-    torch_ref = [TorchLoader(index, cfg(), Shard(r, world), CPU, True, 0) for r in range(world)]
+    loaders = [make_loader("dali", index, cfg(), Shard(r, world), CPU, True, 0) for r in range(world)]
+    torch_ref = [make_loader("torch", index, cfg(), Shard(r, world), CPU, True, 0) for r in range(world)]
     assert {ld.steps_per_epoch for ld in loaders} == {-(-N // (BATCH * world))}
     orders = []
     for epoch in range(3):
@@ -92,14 +97,14 @@ def test_every_sample_every_epoch_in_the_torch_plan(index, world):
     assert all(ld.builds == 1 for ld in loaders)
     # Evaluation: contiguous shards, the last batch short; all ranks together cover the split.
     for r in range(world):
-        ld = DaliLoader(index, cfg(), Shard(r, world), CPU, False, 0)
+        ld = make_loader("dali", index, cfg(), Shard(r, world), CPU, False, 0)
         for g, w in zip(indices(ld.iter_epoch(0)), eval_plan(N, 2 * BATCH, Shard(r, world))):
             np.testing.assert_array_equal(g, w)
 
 
 def test_shuffle_repeats_by_seed_and_differs_by_seed(index):
     def order(seed: int) -> np.ndarray:
-        ld = DaliLoader(index, cfg(), Shard(1, 2), CPU, True, seed)
+        ld = make_loader("dali", index, cfg(), Shard(1, 2), CPU, True, seed)
         return np.concatenate(indices(ld.iter_epoch(0)))
 
     np.testing.assert_array_equal(order(0), order(0))
@@ -108,12 +113,10 @@ def test_shuffle_repeats_by_seed_and_differs_by_seed(index):
 
 def test_resume_mid_epoch_gives_the_same_batches_and_decodes_no_skipped_one(index):
     d = cfg(rot90=True)
-    full = DaliLoader(index, d, Shard(1, 2), CPU, True, 0)
-    full.epochs = 2
+    full = make_loader("dali", index, d, Shard(1, 2), CPU, True, 0, epochs=2)
     run = [list(full.iter_epoch(e)) for e in range(2)]
     k = 2
-    resumed = DaliLoader(index, d, Shard(1, 2), CPU, True, 0)
-    resumed.epochs = 2
+    resumed = make_loader("dali", index, d, Shard(1, 2), CPU, True, 0, epochs=2)
     tail = list(resumed.iter_epoch(1, start_step=k))
     assert resumed.decoded == resumed.steps_per_epoch - k  # the k skipped batches were never decoded
     assert len(tail) == len(run[1]) - k
@@ -126,7 +129,7 @@ def test_crops_follow_torchvisions_law(monkeypatch):
     """The vectorized draw: boxes inside the image with torchvision's area and aspect bounds (or the
     center square), fair coins and quarter turns, the same law as the torch backend's draws."""
     seeds = sample_seeds(0, 0, 0, np.arange(4000))
-    d = DataConfig()  # scale_min 0.35
+    d = ImageSpec.from_config(DataConfig())  # scale_min 0.35
     sizes = np.tile([[866, 1154]], (4000, 1))
     p = augment_params(sizes, seeds, d)
     again = augment_params(sizes, seeds, d)
@@ -165,7 +168,7 @@ def test_training_images_are_the_drawn_crops_flips_and_turns(index, tmp_path):
     (tmp_path / "train_labels.csv").write_text("name,invasive\n" + "\n".join(rows) + "\n")
     sub = train_index(tmp_path)
     d = cfg(rot90=True)
-    ld = DaliLoader(sub, d, Shard(0, 1), CPU, True, 0)
+    ld = make_loader("dali", sub, d, Shard(0, 1), CPU, True, 0)
     assert tuple(ld.sizes[sub.names.index("1")]) == (96, 72)
     batch = next(iter(ld.iter_epoch(1)))  # all 8 images
     params = ld.train_params((1, 0), batch.index.numpy())
@@ -189,7 +192,7 @@ def test_training_images_are_the_drawn_crops_flips_and_turns(index, tmp_path):
 def test_a_batch_out_of_order_restarts_the_queue(index):
     """An epoch left early (or any jump): the queued batches are taken out unused, the answer is
     still the plan's batch, and the pipeline is not rebuilt."""
-    ld = DaliLoader(index, cfg(), Shard(0, 1), CPU, True, 0)
+    ld = make_loader("dali", index, cfg(), Shard(0, 1), CPU, True, 0)
     it = ld.iter_epoch(0)
     next(it)  # schedules steps 0, 1, 2
     del it
@@ -203,7 +206,7 @@ def test_images_are_handed_over_without_a_copy(index):
     """The batch's storage is DALI's output buffer (DLPack), not a torch allocation; in channels_last
     it is the pipeline's NHWC batch viewed as NCHW."""
     for channels_last in (False, True):
-        ld = DaliLoader(index, cfg(), Shard(0, 1), CPU, True, 0, channels_last=channels_last)
+        ld = make_loader("dali", index, cfg(), Shard(0, 1), CPU, True, 0, channels_last=channels_last)
         pipe_out = []
         take = ld._take
 
@@ -230,14 +233,14 @@ def test_settings_follow_the_machine(index, monkeypatch):
     assert dali_backend.auto_huffman_threshold(2, 0.9) == 1_000_000
     assert dali_backend.auto_huffman_threshold(2, 0.65) == 0
     sizes = np.array([[866, 1154], [1154, 866], [72, 96]])
-    s = dali_backend.resolve_settings(DataConfig(dali_hw_decoder_load=0.65), sizes)
+    s = dali_backend.resolve_settings(DaliConfig(hw_decoder_load=0.65), sizes)
     assert (s.threads, s.hybrid_huffman_threshold, s.width_hint, s.height_hint) == (3, 0, 1154, 1154)
-    s = dali_backend.resolve_settings(DataConfig(dali_threads=5, dali_hybrid_huffman_threshold=7), sizes)
+    s = dali_backend.resolve_settings(DaliConfig(threads=5, hybrid_huffman_threshold=7), sizes)
     assert (s.threads, s.hybrid_huffman_threshold) == (5, 7)
-    ld = DaliLoader(index, cfg(), Shard(0, 1), CPU, True, 0)
+    ld = make_loader("dali", index, cfg(), Shard(0, 1), CPU, True, 0)
     assert (ld.settings.width_hint, ld.settings.height_hint) == (96, 72)  # the tiny set's size
-    with pytest.raises(UserError, match="data.dali_prefetch"):
-        config_from_dict({"data": {"dali_prefetch": -1}})
+    with pytest.raises(UserError, match="data.dali.prefetch"):
+        config_from_dict({"data": {"dali": {"prefetch": -1}}})
 
 
 @pytest.mark.gpu
@@ -246,11 +249,10 @@ def test_mixed_pipeline_streams_on_cuda(index):
     """nvJPEG (hardware decoder share, hybrid Huffman threshold and preallocation hints set) decodes
     into DALI's device buffers that torch uses in place; one build, resume without replay."""
     dev = torch.device("cuda", torch.cuda.current_device())
-    d = cfg(rot90=True, dali_hw_decoder_load=0.9, dali_hybrid_huffman_threshold=0)
-    full = DaliLoader(index, d, Shard(0, 1), dev, True, 0, channels_last=True)
-    full.epochs = 2
+    d = cfg(rot90=True, dali=DaliConfig(threads=1, hw_decoder_load=0.9, hybrid_huffman_threshold=0))
+    full = make_loader("dali", index, d, Shard(0, 1), dev, True, 0, channels_last=True, epochs=2)
     run = [list(full.iter_epoch(e)) for e in range(2)]
-    val = DaliLoader(index, d, Shard(0, 1), dev, False, 0)
+    val = make_loader("dali", index, d, Shard(0, 1), dev, False, 0)
     for _ in range(2):
         evaluated = list(val.iter_epoch(0))
     assert (full.builds, val.builds) == (1, 1) and val.decoded == 2 * val.steps_per_epoch
@@ -258,14 +260,13 @@ def test_mixed_pipeline_streams_on_cuda(index):
         assert b.images.device == dev and b.index.device == dev and b.labels.device == dev
         assert torch.isfinite(b.images).all()
     assert run[1][0].images.is_contiguous(memory_format=torch.channels_last)
-    resumed = DaliLoader(index, d, Shard(0, 1), dev, True, 0, channels_last=True)
-    resumed.epochs = 2
+    resumed = make_loader("dali", index, d, Shard(0, 1), dev, True, 0, channels_last=True, epochs=2)
     tail = list(resumed.iter_epoch(1, start_step=3))
     assert resumed.decoded == resumed.steps_per_epoch - 3
     for a, b in zip(run[1][3:], tail):
         assert torch.equal(a.index, b.index)
         torch.testing.assert_close(a.images, b.images)
-    cpu = DaliLoader(index, d, Shard(0, 1), CPU, True, 0, channels_last=True)
+    cpu = make_loader("dali", index, d, Shard(0, 1), CPU, True, 0, channels_last=True)
     for a, b in zip(cpu.iter_epoch(1), run[1]):  # the same drawn boxes, flips and turns
         per_image = (a.images - b.images.cpu()).abs().mean((1, 2, 3))
         print(f"mixed vs cpu DALI train, per-image mean |diff|: max {per_image.max():.4f}")

@@ -17,12 +17,13 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from invasive_dist.config import DataConfig, config_from_dict
-from invasive_dist.data import dali_available
+from invasive_dist.data import ImageSpec, dali_available
 from invasive_dist.data.base import IMAGENET_MEAN, IMAGENET_STD, Shard, sample_seeds
-from invasive_dist.data.gpu_cache import GpuCacheLoader, crop_plan, fused_crop, train_short_side
+from invasive_dist.data.dali import DaliConfig
+from invasive_dist.data.gpu_cache import GpuCacheConfig, crop_plan, fused_crop, train_short_side
 from invasive_dist.data.kaggle import DataIndex, train_index
 from invasive_dist.data.synth import EDGE_BAND, image_rng, render_image
-from invasive_dist.data.torch_backend import TorchLoader
+from invasive_dist.data.torch_backend import TorchConfig
 from invasive_dist.data.transforms import (
     eval_transform,
     fallback_box,
@@ -32,7 +33,8 @@ from invasive_dist.data.transforms import (
 from invasive_dist.errors import UserError
 from invasive_dist.predict import tta_note, tta_views
 
-from .test_backends import BACKENDS, dali_loader, needs_dali  # one table of the backends
+from ..loaders import make_loader
+from .test_backends import BACKENDS, needs_dali  # one table of the backends
 
 CPU = torch.device("cpu")
 HW = [24, 32]  # 4:3, the tiny set's 96x72 photos' aspect (and the Kaggle 1154x866 one's, nearly)
@@ -46,7 +48,9 @@ MEAN, STD = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_
 
 def cfg(size, **kw) -> DataConfig:
     # num_workers=0: in-process decoding; batches equal any worker count's (test_watchdog checks 2).
-    return DataConfig(image_size=size, batch_size=8, num_workers=0, dali_threads=1, **kw)
+    return DataConfig(
+        image_size=size, batch_size=8, torch=TorchConfig(num_workers=0), dali=DaliConfig(threads=1), **kw
+    )
 
 
 def eval_images(loader) -> torch.Tensor:
@@ -75,12 +79,12 @@ def test_height_width_sizes_in_every_backend(index, make, train):
 @pytest.mark.parametrize("size", [HW, [32, 24], 32], ids=["24x32", "32x24", "32"])
 def test_eval_geometry_is_the_same_in_every_backend(index, geometry, size):
     d = cfg(size, eval_geometry=geometry)
-    ref = eval_images(TorchLoader(index, d, Shard(), CPU, False, 0))
+    ref = eval_images(make_loader("torch", index, d, Shard(), CPU, False, 0))
     h, w = (size, size) if isinstance(size, int) else size
     assert ref.shape == (len(index), 3, h, w)
-    assert torch.equal(eval_images(GpuCacheLoader(index, d, Shard(), CPU, False, 0)), ref)
+    assert torch.equal(eval_images(make_loader("gpu_cache", index, d, Shard(), CPU, False, 0)), ref)
     if dali_available():
-        diff = (eval_images(dali_loader(index, d, Shard(), CPU, False, 0)) - ref).abs()
+        diff = (eval_images(make_loader("dali", index, d, Shard(), CPU, False, 0)) - ref).abs()
         if geometry == "full":
             # The outermost pixel ring is the frame's border, where DALI's filter clamps and
             # torchvision's renormalizes: up to 0.40 there (measured); inside, one uint8 level.
@@ -90,7 +94,7 @@ def test_eval_geometry_is_the_same_in_every_backend(index, geometry, size):
     # The geometries differ (the tiny photos are 4:3: full keeps the sides the crop cuts).
     other = "full" if geometry == "center_crop" else "center_crop"
     assert not torch.equal(
-        eval_images(TorchLoader(index, cfg(size, eval_geometry=other), Shard(), CPU, False, 0)), ref
+        eval_images(make_loader("torch", index, cfg(size, eval_geometry=other), Shard(), CPU, False, 0)), ref
     )
 
 
@@ -131,7 +135,9 @@ def test_training_crops_take_the_inputs_aspect_in_every_backend():
     if dali_available():
         from invasive_dist.data.dali import augment_params
 
-        p = augment_params(np.tile([[72, 96]], (n, 1)), seeds, cfg(list(hw), rot90=True))
+        p = augment_params(
+            np.tile([[72, 96]], (n, 1)), seeds, ImageSpec.from_config(cfg(list(hw), rot90=True))
+        )
         draws["dali"] = (p.height, p.width)
         assert set(np.unique(p.quarter_turns)) == {0, 2}
     logs = {}
@@ -182,8 +188,9 @@ def test_train_transform_turns_a_non_square_input_by_half_turns_only():
 
 
 def test_gpu_cache_stores_enough_for_a_height_width_size():
-    assert train_short_side(cfg(HW)) == 41  # ceil(24 / sqrt(0.35)) = 41 > round(24 / 0.875) = 27
-    assert train_short_side(DataConfig(image_size=[336, 448])) == 568  # ceil(336 / 0.5916)
+    short = lambda d: train_short_side(ImageSpec.from_config(d), GpuCacheConfig())  # noqa: E731
+    assert short(cfg(HW)) == 41  # ceil(24 / sqrt(0.35)) = 41 > round(24 / 0.875) = 27
+    assert short(DataConfig(image_size=[336, 448])) == 568  # ceil(336 / 0.5916)
 
 
 def test_dihedral_tta_of_a_non_square_size_keeps_the_shape_and_says_so():
@@ -251,10 +258,9 @@ def test_bench_reports_a_height_width_size(tiny_data, tmp_path, capsys):
 def test_dali_training_images_of_a_height_width_size_are_the_drawn_crops(index):
     """Each DALI training image at [24, 32] is its drawn box resized to 24x32, flipped and turned
     (0 or 180 degrees) as torchvision does it; tolerance as tests/unit/test_dali.py (0.02)."""
-    from invasive_dist.data.dali import DaliLoader
     from invasive_dist.data.transforms import decode_rgb
 
-    ld = DaliLoader(index, cfg(HW, rot90=True), Shard(0, 1), CPU, True, 0)
+    ld = make_loader("dali", index, cfg(HW, rot90=True), Shard(0, 1), CPU, True, 0)
     batch = next(iter(ld.iter_epoch(1)))
     params = ld.train_params((1, 0), batch.index.numpy())
     assert set(params["angle"].tolist()) == {0.0, 180.0}  # both, in this batch

@@ -17,9 +17,11 @@ import torchvision.transforms.v2.functional as TF
 from invasive_dist.config import DataConfig
 from invasive_dist.data import gpu_cache
 from invasive_dist.data.base import IMAGENET_MEAN, IMAGENET_STD, Shard
-from invasive_dist.data.gpu_cache import DRAWS, TRIES, GpuCacheLoader, crop_plan, fused_crop, uniforms
+from invasive_dist.data.gpu_cache import DRAWS, TRIES, crop_plan, fused_crop, uniforms
 from invasive_dist.data.kaggle import DataIndex, train_index
-from invasive_dist.data.torch_backend import TorchLoader, decode_rgb, random_resized_crop_params
+from invasive_dist.data.torch_backend import TorchConfig, decode_rgb, random_resized_crop_params
+
+from ..loaders import make_loader
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -29,7 +31,7 @@ H, W = 379, 505  # the stored size of the 1154x866 Kaggle images at 224 px
 
 def cfg(**kw) -> DataConfig:
     # num_workers=0: the gpu_cache backend has no DataLoader; the torch reference runs in-process.
-    return DataConfig(image_size=32, batch_size=8, num_workers=0, **kw)
+    return DataConfig(image_size=32, batch_size=8, torch=TorchConfig(num_workers=0), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +126,13 @@ def test_every_sample_once_per_epoch_and_resume_is_exact(index):
     d = cfg(rot90=True)  # 48 images, 2 ranks x batch 8: three steps per epoch, no padding
     seen = []
     for rank in range(2):
-        loader = GpuCacheLoader(index, d, Shard(rank, 2), CPU, True, 0)
+        loader = make_loader("gpu_cache", index, d, Shard(rank, 2), CPU, True, 0)
         full = list(loader.iter_epoch(3))
         assert len(full) == loader.steps_per_epoch == 3
         seen += [b.index for b in full]
-        tail = list(GpuCacheLoader(index, d, Shard(rank, 2), CPU, True, 0).iter_epoch(3, start_step=2))
+        tail = list(
+            make_loader("gpu_cache", index, d, Shard(rank, 2), CPU, True, 0).iter_epoch(3, start_step=2)
+        )
         assert len(tail) == 1
         assert torch.equal(tail[0].index, full[2].index) and torch.equal(tail[0].images, full[2].images)
     assert sorted(torch.cat(seen).tolist()) == list(range(48))
@@ -140,35 +144,35 @@ def test_cache_built_in_chunks_equals_one_image_at_a_time(index, monkeypatch):
     """The chunked build (read-ahead, decoding in the pool, one resize per chunk) stores what
     decoding and resizing each file alone gives; 48 files in chunks of 5 end in a short chunk."""
     monkeypatch.setattr(gpu_cache, "CUDA_DECODE_CHUNK", 5)
-    loader = GpuCacheLoader(index, cfg(), Shard(), CPU, True, 0)
+    loader = make_loader("gpu_cache", index, cfg(), Shard(), CPU, True, 0)
     want = torch.stack([loader._fit(decode_rgb(p)) for p in index.paths])
     assert torch.equal(loader.images, want)
 
 
 def test_build_reports_time_bytes_and_progress(index, capsys, monkeypatch):
     monkeypatch.setenv("INVASIVE_DIST_PROGRESS_S", "0")  # a progress line at every chunk, however fast
-    loader = GpuCacheLoader(index, cfg(), Shard(0, 2), CPU, True, 0)
+    loader = make_loader("gpu_cache", index, cfg(), Shard(0, 2), CPU, True, 0)
     info = loader.build_info
     assert info["cache_images"] == 48 and info["cache_bytes"] == 48 * 3 * 55 * 73
     assert info["cache_build_s"] > 0
     err = capsys.readouterr().err
     assert "[gpu_cache decode] 48/48 img" in err and "img/s" in err  # stderr is not a TTY here
     assert "built in" in err and "GiB on this rank" in err
-    GpuCacheLoader(index, cfg(), Shard(1, 2), CPU, False, 0)  # not the main process: silent
+    make_loader("gpu_cache", index, cfg(), Shard(1, 2), CPU, False, 0)  # not the main process: silent
     assert capsys.readouterr().err == ""
 
 
 def test_train_statistics_agree_with_the_torch_backend_on_real_files(real_sample):
     """Real 1154x866 JPEGs at 224 px: per-channel mean and std of two augmented epochs."""
     idx = train_index(real_sample)
-    d = DataConfig(image_size=224, batch_size=4, num_workers=2)
+    d = DataConfig(image_size=224, batch_size=4, torch=TorchConfig(num_workers=2))
 
     def stats(loader):
         x = torch.cat([b.images for e in (0, 1) for b in loader.iter_epoch(e)])
         return x.mean((0, 2, 3)), x.std((0, 2, 3))
 
-    got = stats(GpuCacheLoader(idx, d, Shard(), CPU, True, 0))
-    ref = stats(TorchLoader(idx, d, Shard(), CPU, True, 0))
+    got = stats(make_loader("gpu_cache", idx, d, Shard(), CPU, True, 0))
+    ref = stats(make_loader("torch", idx, d, Shard(), CPU, True, 0))
     # Different crops of 10 photos: measured differences 0.050 (means) and 0.043 (stds) here.
     torch.testing.assert_close(got[0], ref[0], atol=0.1, rtol=0)
     torch.testing.assert_close(got[1], ref[1], atol=0.1, rtol=0)

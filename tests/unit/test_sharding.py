@@ -14,7 +14,11 @@ import torch
 from invasive_dist.config import DataConfig
 from invasive_dist.data import dali_available
 from invasive_dist.data.base import Shard
+from invasive_dist.data.dali import DaliConfig
 from invasive_dist.data.kaggle import DataIndex, train_index
+from invasive_dist.data.torch_backend import TorchConfig
+
+from ..loaders import make_loader
 
 N = 50
 BATCH = 8
@@ -42,16 +46,10 @@ _LOADERS: dict = {}
 
 def _build(backend: str, index: DataIndex, shard: Shard, train: bool, seed: int, **cfg):
     # num_workers=0: the plan, not the workers, decides the batches (test_watchdog checks 2 workers).
-    d = DataConfig(image_size=32, batch_size=BATCH, num_workers=0, dali_threads=1, **cfg)
-    if backend == "torch":
-        from invasive_dist.data.torch_backend import TorchLoader as cls
-    elif backend == "dali":
-        from invasive_dist.data.dali import DaliLoader as cls
-    elif backend == "gpu_cache":
-        from invasive_dist.data.gpu_cache import GpuCacheLoader as cls
-    else:
-        from invasive_dist.data.synthetic import SyntheticLoader as cls
-    return cls(index, d, shard, CPU, train, seed, False)
+    d = DataConfig(
+        image_size=32, batch_size=BATCH, torch=TorchConfig(num_workers=0), dali=DaliConfig(threads=1), **cfg
+    )
+    return make_loader(backend, index, d, shard, CPU, train, seed)
 
 
 @pytest.fixture(scope="module")

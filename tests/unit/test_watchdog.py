@@ -18,15 +18,17 @@ import torch
 from invasive_dist.config import DataConfig
 from invasive_dist.data.base import Shard
 from invasive_dist.data.kaggle import train_index
-from invasive_dist.data.torch_backend import TorchLoader
+from invasive_dist.data.torch_backend import TorchConfig, TorchLoader
 
 from ..conftest import ROOT
+from ..loaders import make_loader
 
 
 def _loader(tiny_data, workers: int, rank: int = 1) -> TorchLoader:
-    d = DataConfig(image_size=32, batch_size=8, num_workers=workers)  # workers: the demo's 2 unless 0
+    # workers: the demo's 2 unless 0
+    d = DataConfig(image_size=32, batch_size=8, torch=TorchConfig(num_workers=workers))
     index = train_index(tiny_data, d.labels_csv, 0)
-    return TorchLoader(index, d, Shard(rank, 2), torch.device("cpu"), True, seed=3)
+    return make_loader("torch", index, d, Shard(rank, 2), torch.device("cpu"), True, seed=3)
 
 
 def _epoch(loader: TorchLoader, epoch: int, start: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
