@@ -5,10 +5,11 @@
     state = ckpt.load("auto")                        # None when there is nothing to resume
 
 Layout: ``step-00001200.pt`` (the newest ``keep_last`` are kept), ``last.pt`` (a hard link to the
-newest step file), ``best.pt``. Every file is written to a temp name, fsynced, then renamed, so a
-crash in the middle of a write leaves the previous checkpoint intact and a partial file is never
-picked up (temp files are ignored and cleaned). Loading uses ``weights_only=True``: the state may
-hold only tensors, containers and plain Python values.
+newest step file), ``best.pt``. Every file (and link) is written to a temp name, fsynced, then
+renamed (``files.atomic_write`` with ``durable=True``), so a crash in the middle of a write leaves the
+previous checkpoint intact and a partial file is never picked up: temp files (``.<name>.<pid>.tmp``)
+never match a checkpoint name, and the next save deletes them. Loading uses ``weights_only=True``:
+the state may hold only tensors, containers and plain Python values.
 
 One run per directory: a fresh run (``resume=''``) into a folder that already holds a run's
 checkpoints, metrics or TensorBoard events refuses to start (:func:`refuse_mixed_run`) and offers
@@ -18,7 +19,6 @@ the second run's steps 1..N would follow the first's in ``metrics.jsonl`` and ``
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -27,42 +27,19 @@ import torch
 from accelerate.utils import broadcast_object_list
 
 from .errors import UserError
+from .files import atomic_link, atomic_write, remove_stale_temps
 
 _STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _torch_save(obj: Any, tmp: Path) -> None:
+    with open(tmp, "wb") as f:  # through a file object: faults.py's save_crash cuts this file
+        torch.save(obj, f)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _atomic_link(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # file systems without hard links: copy through an atomic write
-        atomic_torch_save(torch.load(src, map_location="cpu", weights_only=True), dst)
-        return
-    os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    """``torch.save`` through :func:`files.atomic_write` with fsync (see the module docstring)."""
+    atomic_write(path, lambda tmp: _torch_save(obj, tmp), durable=True)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -148,15 +125,12 @@ class Checkpointer:
     def save(self, state: dict, step: int, is_best: bool = False) -> Path:
         path = self.dir / f"step-{step:08d}.pt"
         atomic_torch_save(state, path)
-        _atomic_link(path, self.last)
+        atomic_link(path, self.last, durable=True)
         if is_best:
-            _atomic_link(path, self.best)
+            atomic_link(path, self.best, durable=True)
         for old in self.step_files()[: -self.keep_last]:
             old.unlink(missing_ok=True)
-        for stale in self.dir.glob(".*.tmp-*"):  # leftovers of a crash in an earlier write
-            if stale.name.endswith(f"-{os.getpid()}"):
-                continue
-            stale.unlink(missing_ok=True)
+        remove_stale_temps(self.dir)  # leftovers of a crash in an earlier write
         return path
 
     def resolve(self, resume: str) -> Path | None:

@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..errors import UserError
-from ..files import write_bytes
+from ..files import is_temp, write_bytes
 from ..progress import track
 
 SPLITS = {"train": 1, "test": 2}  # part of every image's seed, so train/5 and test/5 differ
@@ -388,7 +388,7 @@ def _prepare(out: Path, params: dict) -> bool:
         folder.mkdir(parents=True, exist_ok=True)
         for p in folder.iterdir():  # leftovers of an interrupted run, and images of an older run
             stale = not (p.stem.isdigit() and 1 <= int(p.stem) <= n and p.suffix == ".jpg")
-            if p.name.endswith(".tmp") or (p.is_file() and (stale or not keep)):
+            if is_temp(p) or (p.is_file() and (stale or not keep)):
                 p.unlink()
     # The manifest goes first, so an interrupted run is recognised (and resumed) next time.
     write_bytes(manifest, json.dumps({"params": params, "complete": False}, indent=1).encode())
