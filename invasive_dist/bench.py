@@ -49,8 +49,8 @@ import torch
 import torchvision
 
 from .build import loader_spec
-from .config import Config, _set_dotted, config_from_dict, load_config, parse_override, to_dict
-from .data import BACKENDS, Batch, build_loader, resolve_backend
+from .config import Config, load_config, parse_override, with_keys
+from .data import BACKENDS, Batch, build_loader, dali_version, resolve_backend
 from .data.transforms import image_hw
 from .distributed import build_accelerator, world_info_from_env
 from .errors import UserError
@@ -136,15 +136,14 @@ def parse_backend(spec: str, cfg: Config) -> tuple[str, Config]:
     if name not in ("auto", *BACKENDS):
         raise UserError(f"--backend {spec!r}: {name!r} is not one of auto, {', '.join(BACKENDS)}")
     section = BACKENDS[resolve_backend(name) if name == "auto" else name].section
-    raw = to_dict(cfg)
-    raw["data"]["backend"] = name
+    values: dict = {"data.backend": name}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, value = parse_override(item)
         if not key.startswith("data."):
             key = f"data.{section}.{key}" if section else f"data.{key}"
-        _set_dotted(raw, key, value)
+        values[key] = value
     try:
-        return name, config_from_dict(raw, f"--backend {spec!r}")
+        return name, with_keys(cfg, values, f"--backend {spec!r}")
     except UserError as e:
         raise UserError(
             f"{e} (backend settings are keys of its section, e.g. dali:hw_decoder_load=1.0, or data.* paths)"
@@ -180,12 +179,7 @@ def _gpu_driver() -> str:
 
 def hardware(device: torch.device) -> dict:
     """CPU, GPU and library versions: what a figure was measured on."""
-    try:
-        import nvidia.dali
-
-        dali = nvidia.dali.__version__
-    except Exception:
-        dali = None
+    dali = dali_version()
     info = {
         "cpu": _cpu_model(),
         "cpu_cores": os.cpu_count(),

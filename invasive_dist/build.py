@@ -4,7 +4,7 @@
     data = build_data(cfg, acc, plan)                             # splits + the loaders asked for
     model, channels_last = build_model_on(cfg, plan.world, acc.device)
     opt = build_optimization(model, cfg.optim, cfg.train, plan.global_batch, data.steps_per_epoch)
-    Trainer(cfg, acc, world, Parts(plan, data, model, opt, channels_last)).fit()
+    Trainer(cfg, acc, world, build_parts(cfg, acc, world)).fit()   # train.py: all of the above
 
 ``train`` builds all of them; ``cv`` scoring a fold builds the validation loader and a model;
 ``bench`` builds one loader (input) or a model and optimizer (model). The config object is never
@@ -30,6 +30,7 @@ from .data import Loader, LoaderSpec, Shard, build_loader
 from .data.check import cached_check, check_data
 from .data.kaggle import DataIndex, pseudo_index, split, train_index
 from .errors import UserError
+from .faults import NO_FAULTS, Faults
 from .models import build_model
 
 # Process counts listed in the "which process counts work" message: up to 8 nodes x 8 GPUs.
@@ -163,9 +164,11 @@ def channels_last_on(cfg: Config, device: torch.device) -> bool:
     return cfg.model.channels_last and torch.device(device).type == "cuda"
 
 
-def build_data(cfg: Config, acc, plan: BatchPlan, train: bool = True, val: bool = True) -> Data:
+def build_data(
+    cfg: Config, acc, plan: BatchPlan, train: bool = True, val: bool = True, faults: Faults = NO_FAULTS
+) -> Data:
     """Splits (after the data check, pseudo-labels in the training folds only) and the loaders
-    asked for. Collective (the data check)."""
+    asked for. Collective (the data check). ``faults``: the run's fault hooks (tests)."""
     d = cfg.data
     full = checked_index(cfg, acc)
     train_idx, val_idx = split(full, d.n_folds, d.fold, cfg.seed)
@@ -176,12 +179,14 @@ def build_data(cfg: Config, acc, plan: BatchPlan, train: bool = True, val: bool 
     # batch x accum sees the same samples in each optimizer step (e.g. 100 images, G=32: 4 steps
     # whether 2 x 16 x 1 or 2 x 8 x 2; the last step wraps to the epoch's first 28 samples).
     steps = -(-len(train_idx) // plan.global_batch)
-    train_loader = build_loader(loader_spec(cfg, acc, plan, train_idx, True), d) if train else None
-    val_loader = build_loader(loader_spec(cfg, acc, plan, val_idx, False), d) if val else None
+    train_loader = build_loader(loader_spec(cfg, acc, plan, train_idx, True, faults), d) if train else None
+    val_loader = build_loader(loader_spec(cfg, acc, plan, val_idx, False, faults), d) if val else None
     return Data(train_idx, val_idx, train_loader, val_loader, steps)
 
 
-def loader_spec(cfg: Config, acc, plan: BatchPlan, index: DataIndex, train: bool) -> LoaderSpec:
+def loader_spec(
+    cfg: Config, acc, plan: BatchPlan, index: DataIndex, train: bool, faults: Faults = NO_FAULTS
+) -> LoaderSpec:
     """The spec of this rank's loader of ``index``: the plan's per-device batch and shard, the run's
     seed, the model's memory format; a training loader knows the epochs (DALI's look-ahead stops
     at the end of the last)."""
@@ -195,6 +200,7 @@ def loader_spec(cfg: Config, acc, plan: BatchPlan, index: DataIndex, train: bool
         channels_last_on(cfg, acc.device),
         per_device=plan.per_device,
         epochs=cfg.train.epochs if train else None,
+        faults=faults,
     )
 
 

@@ -303,6 +303,15 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
     return cfg
 
 
+def with_keys(cfg: Config, values: dict[str, Any], source: str) -> Config:
+    """A new validated config: ``cfg`` with dotted keys set, e.g. ``{"data.dali.threads": 8}``;
+    ``cfg`` is left alone. Errors name ``source``."""
+    raw = to_dict(cfg)
+    for key, value in values.items():
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw, source)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load ``path`` (or the defaults when None), apply dotted overrides, validate."""
     raw: dict = {}

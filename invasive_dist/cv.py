@@ -33,7 +33,7 @@ writes the pseudo-label file for the next round and prints the command that trai
 
 The OOF AUC is the AUC of all OOF predictions pooled, not the mean of the fold AUCs (both are
 reported): pooling also rewards folds that are calibrated alike, as a fold ensemble needs. Pseudo
-labels join the training folds only (the Trainer guarantees it). Round-2 OOF AUCs are slightly
+labels join the training folds only (``build.build_data`` adds them there). Round-2 OOF AUCs are slightly
 optimistic: the round-1 ensemble that labelled the test images had trained on every validation fold.
 """
 

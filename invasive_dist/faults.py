@@ -11,7 +11,9 @@
 Steps are 1-based optimizer steps (``global_step`` after the step). Faults fire on the first attempt
 only (not after a torchrun restart or a Slurm requeue). The trainer holds one :class:`Faults` object;
 without the variable it is :data:`NO_FAULTS`, whose hooks do nothing, and reading one environment
-variable once is the whole cost. All fault code lives here: ``train.py`` only calls the hooks.
+variable once is the whole cost. ``build_parts`` makes it and hands it to the Trainer and, through
+the ``LoaderSpec``, to the torch backend's decoding workers (``data_item``); they only call the hooks,
+and all fault code lives here.
 
 ``kill`` and ``hang`` could be caused from outside (SIGKILL, SIGSTOP), but at a moment read from the
 logs: a tiny run takes seconds, so the signal would land at a different step on every machine. A
@@ -71,6 +73,10 @@ class Faults:
         """Wraps the write of the checkpoint of ``step``."""
         return contextlib.nullcontext()
 
+    def data_item(self) -> None:
+        """Called by a DataLoader worker before each sample it loads (a worker knows no optimizer
+        step: ``data_hang`` counts samples, per worker)."""
+
 
 NO_FAULTS = Faults()
 
@@ -78,6 +84,9 @@ NO_FAULTS = Faults()
 class PlantedFaults(Faults):
     def __init__(self, faults: list[Fault]) -> None:
         self.faults = faults
+        hang = [f.step for f in faults if f.kind == "data_hang"]
+        self._hang_at = min(hang) if hang else 0
+        self._items = 0  # samples this copy has loaded: each worker gets its own copy
 
     def _at(self, kind: str, step: int) -> bool:
         return any(f.kind == kind and f.step == step for f in self.faults)
@@ -110,41 +119,18 @@ class PlantedFaults(Faults):
         torch.save = dying_save
         yield
 
-
-def _attempt(env) -> int:
-    return sum(int(env.get(k) or 0) for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+    def data_item(self) -> None:
+        if self._hang_at:
+            self._items += 1
+            if self._items >= self._hang_at:
+                _sleep_forever()
 
 
 def from_env(rank: int, attempt: int = 0) -> Faults:
-    """This rank's faults from ``INVASIVE_DIST_FAULT``; :data:`NO_FAULTS` when it is unset."""
+    """This rank's faults from ``INVASIVE_DIST_FAULT``; :data:`NO_FAULTS` when it is unset.
+    ``attempt``: restarts so far (``WorldInfo.restart_count + slurm_restart_count``)."""
     # Faults fire on the first attempt only: a worker restarted by torchrun (or a job requeued
     # by Slurm) resumes before the fault's step and must get past it.
     faults = parse(os.environ.get(ENV, "")) if attempt == 0 else []
-    mine = [f for f in faults if f.rank in (None, rank) and f.kind != "data_hang"]
+    mine = [f for f in faults if f.rank in (None, rank)]
     return PlantedFaults(mine) if mine else NO_FAULTS
-
-
-# DataLoader workers: a fault of their own, counted in samples (a worker knows no optimizer step).
-_worker_hang_at = 0
-_worker_items = 0
-
-
-def in_data_worker() -> None:
-    """Called once in each DataLoader worker (its ``worker_init_fn``)."""
-    global _worker_hang_at, _worker_items
-    _worker_items = 0
-    _worker_hang_at = 0
-    if ENV not in os.environ or _attempt(os.environ):
-        return
-    rank = int(os.environ.get("RANK") or 0)
-    hang = [f.step for f in parse(os.environ[ENV]) if f.kind == "data_hang" and f.rank in (None, rank)]
-    _worker_hang_at = min(hang) if hang else 0
-
-
-def data_item() -> None:
-    """Called by a DataLoader worker before each sample it loads."""
-    global _worker_items
-    if _worker_hang_at:
-        _worker_items += 1
-        if _worker_items >= _worker_hang_at:
-            _sleep_forever()

@@ -46,6 +46,7 @@ from .data import Shard
 from .distributed import WorldInfo
 from .errors import Preempted, UserError
 from .evaluation import EvalResult, score
+from .faults import NO_FAULTS, Faults
 from .faults import from_env as faults_from_env
 from .metrics import MetricsWriter, StepTimer, max_memory_bytes
 from .models import binary_loss
@@ -118,6 +119,8 @@ class Parts:
     model: nn.Module  # on the device, not yet prepared by Accelerate
     channels_last: bool
     opt: Optimization  # optimizer, schedule, EMA
+    ckpt: Checkpointer  # the run's checkpoints (the one that read resume_state)
+    faults: Faults = NO_FAULTS  # fault hooks (the fault-tolerance tests; no-op by default)
     resume_from: Path | None = None  # the checkpoint to continue from
     resume_state: dict | None = None  # its contents (read once: the batch plan needs them)
 
@@ -153,26 +156,28 @@ def build_parts(
     resume = resume_source(cfg, world)
     state = ckpt.load(resume)
     plan = resolve_batch(cfg, accelerator.num_processes, state.get("global_batch") if state else None)
-    data = build_data(cfg, accelerator, plan, train=train_loader, val=val_loader)
+    faults = faults_from_env(
+        accelerator.process_index, attempt=world.restart_count + world.slurm_restart_count
+    )
+    data = build_data(cfg, accelerator, plan, train=train_loader, val=val_loader, faults=faults)
     model, channels_last = build_model_on(cfg, plan.world, accelerator.device)
     opt = build_optimization(model, cfg.optim, cfg.train, plan.global_batch, data.steps_per_epoch)
-    return Parts(plan, data, model, channels_last, opt, ckpt.resolve(resume) if state else None, state)
+    resume_from = ckpt.resolve(resume) if state else None
+    return Parts(plan, data, model, channels_last, opt, ckpt, faults, resume_from, state)
 
 
 class Trainer:
-    """Trains the parts it is given: ``fit()`` runs epochs, validation, checkpoints and metrics.
-
-    ``Trainer(cfg, acc, world)`` builds its parts with :func:`build_parts`."""
+    """Trains the parts it is given (:func:`build_parts`): ``fit()`` runs epochs, validation,
+    checkpoints and metrics."""
 
     _watch = NO_WATCHDOG  # fit() arms a real one: evaluate() also runs outside fit()
 
-    def __init__(self, cfg: Config, accelerator, world: WorldInfo, parts: Parts | None = None) -> None:
-        parts = parts or build_parts(cfg, accelerator, world)
+    def __init__(self, cfg: Config, accelerator, world: WorldInfo, parts: Parts) -> None:
         self.cfg, self.acc, self.world = cfg, accelerator, world
         self.device = accelerator.device
         self.is_main = accelerator.is_main_process
         self.run_dir = cfg.run_dir
-        self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self.ckpt = parts.ckpt
         self.plan = parts.plan
         self.shard = Shard(accelerator.process_index, self.plan.world, self.plan.accum)
         d = parts.data
@@ -194,9 +199,7 @@ class Trainer:
         self._resume_from, self._resume_state = parts.resume_from, parts.resume_state
         parts.resume_state = None  # fit() drops it after loading: no copy lingers with the caller
 
-        self.faults = faults_from_env(
-            self.shard.rank, attempt=world.restart_count + world.slurm_restart_count
-        )
+        self.faults = parts.faults
         t = cfg.train
         self.mixer = (
             Mixer(t.mixup_alpha, t.cutmix_alpha, t.mix_prob, cfg.seed, self.shard.rank)

@@ -39,12 +39,18 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def dali_available() -> bool:
+def dali_version() -> str | None:
+    """nvidia.dali's version, or None where it does not import (optional, heavy: imported here,
+    only when asked)."""
     try:
-        import nvidia.dali  # noqa: F401  (optional, heavy: imported only to ask)
+        import nvidia.dali
     except Exception:
-        return False
-    return True
+        return None
+    return nvidia.dali.__version__
+
+
+def dali_available() -> bool:
+    return dali_version() is not None
 
 
 def resolve_backend(name: str) -> str:
@@ -78,5 +84,6 @@ __all__ = [
     "Shard",
     "build_loader",
     "dali_available",
+    "dali_version",
     "resolve_backend",
 ]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..faults import NO_FAULTS, Faults
 from .kaggle import DataIndex
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -156,6 +157,7 @@ class LoaderSpec:
     device: torch.device  # where batches are delivered
     channels_last: bool = False  # NHWC images (the model's memory format on a GPU)
     epochs: int | None = None  # training epochs the consumer draws (None: no end known)
+    faults: Faults = NO_FAULTS  # fault hooks for decoding workers (the fault-tolerance tests)
 
     @classmethod
     def of(
@@ -169,6 +171,7 @@ class LoaderSpec:
         channels_last: bool = False,
         per_device: int | None = None,
         epochs: int | None = None,
+        faults: Faults = NO_FAULTS,
     ) -> LoaderSpec:
         """The spec of a loader from a ``DataConfig`` ``d``. ``per_device``: the per-device training
         batch (``build.BatchPlan.per_device``; default ``data.batch_size``). Evaluation loaders use
@@ -186,6 +189,7 @@ class LoaderSpec:
             torch.device(device),
             channels_last,
             epochs,
+            faults,
         )
 
 

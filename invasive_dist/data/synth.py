@@ -124,7 +124,7 @@ def _fill(c: np.ndarray) -> tuple[int, int, int]:
     return (int(c[0]), int(c[1]), int(c[2]))
 
 
-def _background(rng: np.random.Generator, w: int, h: int, s: int) -> Image.Image:
+def _background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     """Out-of-focus canopy: drawn at a quarter of the size (it is blurred anyway), then upscaled."""
     sw, sh = max(8, w // 4), max(8, h // 4)
     f = (
@@ -306,7 +306,7 @@ def render_image(
     anywhere or (``flowers="edges"``) near the left and right edges."""
     w, h = size
     s = min(w, h)
-    img = _background(rng, w, h, s)
+    img = _background(rng, w, h)
     draw = ImageDraw.Draw(img)
     _grass(draw, rng, w, h, s)
     if rng.random() < 0.35:

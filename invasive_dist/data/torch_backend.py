@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .. import faults
+from ..faults import NO_FAULTS, Faults
 from .base import (
     Batch,
     ImageSpec,
@@ -77,17 +77,18 @@ class TorchConfig:
 class _ImageDataset(Dataset):
     """Item = (position, augmentation seed or -1 for the eval transform)."""
 
-    def __init__(self, index: DataIndex, image: ImageSpec) -> None:
+    def __init__(self, index: DataIndex, image: ImageSpec, faults: Faults) -> None:
         self.paths = index.paths
         self.labels = index.labels
         self.image = image
+        self.faults = faults  # each worker holds its own copy
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, item: tuple[int, int]):
         pos, seed = item
-        faults.data_item()
+        self.faults.data_item()
         img = decode_rgb(self.paths[pos])
         m = self.image
         if seed < 0:
@@ -137,7 +138,6 @@ def _worker_init(grace_s: int, worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     for sig in _STOP_SIGNALS:
         signal.signal(sig, _end_later)
-    faults.in_data_worker()
 
 
 def _start_forkserver_shielded() -> None:
@@ -194,13 +194,14 @@ class TorchLoader(LoaderBase):
 
     def __init__(self, spec: LoaderSpec, cfg: TorchConfig) -> None:
         super().__init__(spec)
-        self.dataset = _ImageDataset(self.index, self.image)
+        workers = cfg.num_workers
+        # Data faults are the decoding workers' (a test's data_hang); in-process decoding has none.
+        self.dataset = _ImageDataset(self.index, self.image, spec.faults if workers else NO_FAULTS)
         if self.train:
             self.steps_per_epoch = train_steps(self.n, self.batch, self.shard)
         else:
             self.steps_per_epoch = len(eval_plan(self.n, self.batch, self.shard))
         self.sampler = _EpochPlan()
-        workers = cfg.num_workers
         self.loader = DataLoader(
             self.dataset,
             batch_sampler=self.sampler,

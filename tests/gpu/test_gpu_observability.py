@@ -46,7 +46,8 @@ def test_cuda_train_step_does_not_sync(tiny_data, tmp_path, fresh_accelerate_sta
         ],
     )
     world = WorldInfo()
-    trainer = train_mod.Trainer(cfg, build_accelerator(cfg, world), world)
+    acc = build_accelerator(cfg, world)
+    trainer = train_mod.Trainer(cfg, acc, world, train_mod.build_parts(cfg, acc, world))
     assert trainer.device.type == "cuda" and trainer.channels_last
     batches = itertools.cycle(batch_pool(2, 8, 64, trainer.device, channels_last=True))
     for _ in range(3):  # library handles, the allocator's first blocks, the optimizer state

@@ -189,7 +189,7 @@ def test_array_task_trains_its_fold_and_the_last_one_writes_the_cv_files(cv_run,
 def test_pseudo_labels_train_but_never_validate(cv_run, tiny_data, tmp_path):
     from invasive_dist.distributed import build_accelerator, world_info_from_env
     from invasive_dist.predict import load_run_config
-    from invasive_dist.train import Trainer
+    from invasive_dist.train import Trainer, build_parts
 
     cv_dir, _ = cv_run
     ps = tmp_path / "ps"
@@ -216,7 +216,8 @@ def test_pseudo_labels_train_but_never_validate(cv_run, tiny_data, tmp_path):
     for k in range(N_FOLDS):
         cfg = load_run_config(ps / "round2" / f"fold{k}")
         assert Path(cfg.data.pseudo_csv) == ps / "pseudo_round1.csv"
-        trainer = Trainer(cfg, acc, world_info_from_env())
+        world = world_info_from_env()
+        trainer = Trainer(cfg, acc, world, build_parts(cfg, acc, world))
         assert not pseudo_names & set(trainer.val_idx.names)
         assert set(trainer.val_idx.names) == set(labels["name"][folds == k])
         assert pseudo_names <= set(trainer.train_idx.names)
