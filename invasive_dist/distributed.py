@@ -3,6 +3,7 @@
     world = world_info_from_env()
     accelerator = build_accelerator(cfg, world)
     accelerator, world = accelerator_from_env(cfg)   # the two in one call (what commands use)
+    threads = cores_per_process()                    # this process's share of the node's CPU cores
 
 Launchers: plain ``python`` (one process), ``torchrun`` (single- or multi-node, c10d rendezvous),
 ``accelerate launch`` (which sets the same RANK/WORLD_SIZE/LOCAL_RANK variables), and Slurm
@@ -80,6 +81,26 @@ def world_info_from_env(env: Mapping[str, str] | None = None) -> WorldInfo:
             "(see slurm/train.sbatch) instead of one python per task"
         )
     return world
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity set, which Slurm (--cpus-per-task), numactl
+    and taskset narrow, unlike ``os.cpu_count()`` (the whole machine's); that count where the
+    platform has no affinity (macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def cores_per_process(world: WorldInfo | None = None) -> int:
+    """This process's share of the node's cores for its input pipelines: ``usable_cores()``, divided
+    among the node's processes (``world``, default this process's launch) unless the launcher already
+    bound each process to a subset of the cores (Slurm --cpus-per-task, numactl)."""
+    usable = usable_cores()
+    if usable < (os.cpu_count() or usable):
+        return usable  # already bound: this is our share
+    world = world_info_from_env() if world is None else world
+    return max(1, usable // max(1, world.local_world_size))
 
 
 def _backend(cfg, use_cuda: bool) -> str:

@@ -92,9 +92,10 @@ def sample_seeds(seed: int, epoch: int, rank: int, positions: np.ndarray) -> np.
 _MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalization constants, made once per device: building them from Python values on every
-    batch would be a blocking host-to-device copy, a device sync per step."""
+def mean_std(device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet mean and std as (1, 3, 1, 1) float32 tensors on ``device``, made once per device
+    and shared by every backend: building them from Python values on every batch would be a
+    blocking host-to-device copy, a device sync per step."""
     device = torch.device(device)
     if device not in _MEAN_STD:
         _MEAN_STD[device] = (
@@ -105,13 +106,13 @@ def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def normalize_on_device(images_u8: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 (B,3,H,W) on host or device -> float32 normalized on ``device``."""
-    x = images_u8.to(device, non_blocking=True).float().div_(255.0)
-    mean, std = _mean_std(device)
-    x = x.sub_(mean).div_(std)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    """uint8 (B,3,H,W) on host or device -> float32 normalized on ``device``, written once in the
+    model's memory format (channels_last: NHWC storage) instead of converted after."""
+    x = images_u8.to(device, non_blocking=True)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=fmt)
+    mean, std = mean_std(x.device)
+    return out.copy_(x).div_(255.0).sub_(mean).div_(std)
 
 
 @dataclass(frozen=True)

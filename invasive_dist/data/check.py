@@ -53,14 +53,15 @@ from typing import Any, Literal
 
 from PIL import Image, ImageFile
 
+from ..distributed import usable_cores
 from ..errors import UserError
 from ..files import write_json
 from ..progress import track
 from .kaggle import NameRows, name_key, parse_name_csv
+from .transforms import exif_orientation
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
-EXIF_ORIENTATION = 0x0112
 CACHE_VERSION = 1  # bump when the checks change, so old cached reports are not trusted
 
 # Kinds whose train name goes into bad_names (so on_bad_file=skip can exclude the image).
@@ -254,7 +255,7 @@ def _inspect_image(path: Path, decode: bool, grayscale_cmyk: str, prefix: str, k
                 return problem("not-jpeg", f"is a {im.format} image, not a JPEG; convert it or {_SKIP_HINT}")
             mode, (w, h) = im.mode, im.size
             try:
-                orientation = im.getexif().get(EXIF_ORIENTATION)
+                orientation = exif_orientation(im)
                 exif_error = ""
             except Exception as e:  # a broken EXIF block does not make the pixels unusable
                 orientation, exif_error = None, str(e) or type(e).__name__
@@ -290,7 +291,7 @@ def _inspect_image(path: Path, decode: bool, grayscale_cmyk: str, prefix: str, k
             "as stored (re-save it without EXIF if it looks rotated)",
             fatal=False,
         )
-    if orientation not in (None, 1):
+    if orientation not in (None, 1):  # None: the EXIF block could not be read
         out += problem(
             "exif-rotated",
             f"EXIF orientation is {orientation} (stored rotated/flipped, {w}x{h} as stored); the torch "
@@ -350,7 +351,7 @@ def check_data(
     """Check a data folder in the Kaggle layout; see the module docstring for what is checked.
 
     ``decode=False`` reads only headers and end markers (fast, misses corrupt entropy data).
-    ``workers`` is the thread count (0: one per CPU, at most 16)."""
+    ``workers`` is the thread count (0: one per core this process may use, at most 16)."""
     t0 = time.perf_counter()
     root = Path(root)
     report = CheckReport(root=str(root), labels_csv=labels_csv, decoded=decode)
@@ -430,7 +431,7 @@ def check_data(
     # Images, in a thread pool: Pillow releases the GIL while it decodes.
     jobs = [(train_dir / f"{n}.jpg", n, "") for n in label_names]
     jobs += [(test_dir / f"{n}.jpg", n, "test-") for n in test_names]
-    n_threads = workers or min(16, os.cpu_count() or 1)
+    n_threads = workers or min(16, usable_cores())
 
     def run(job: tuple[Path, str, str]) -> list[Problem]:
         path, name, prefix = job

@@ -62,7 +62,7 @@ queued batches out unused (counted in ``wasted``) and starts again at the one as
 
 Machine-aware settings (``resolve_settings``): CPU threads per pipeline = the cores of this process's
 share of the machine (its CPU affinity, divided by the processes per node unless the launcher already
-bound it to a subset), or ``data.dali.threads``; hardware-decoder share ``data.dali.hw_decoder_load``;
+bound it to a subset: ``distributed.cores_per_process``), or ``data.dali.threads``; hardware-decoder share ``data.dali.hw_decoder_load``;
 ``hybrid_huffman_threshold`` (``data.dali.hybrid_huffman_threshold``, auto: see
 ``auto_huffman_threshold``); ``preallocate_width_hint``/``height_hint`` from the largest image of the
 split. Hand-over to torch without a copy: ``torch.from_dlpack`` of DALI's output (with the default
@@ -86,7 +86,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..distributed import world_info_from_env
+from ..distributed import cores_per_process
 from ..errors import UserError
 from .base import (
     IMAGENET_MEAN,
@@ -100,8 +100,14 @@ from .base import (
     train_plan,
     train_steps,
 )
-from .gpu_cache import _oriented_size
-from .transforms import eval_cover_size, fallback_box, log_ratio_range, quarter_turns
+from .transforms import (
+    decode_rgb,
+    eval_cover_size,
+    fallback_box,
+    log_ratio_range,
+    oriented_size,
+    quarter_turns,
+)
 
 # DALI's default hybrid_huffman_threshold: images above it use nvJPEG's GPU-assisted Huffman decoder.
 DALI_HUFFMAN_THRESHOLD = 1_000_000
@@ -109,15 +115,6 @@ DALI_HUFFMAN_THRESHOLD = 1_000_000
 # rate a GPU input pipeline should sustain (ResNet-50 bf16 on an H100: ~4,000 img/s, bench.py).
 HUFFMAN_IMG_PER_CORE = 300
 TARGET_IMG_PER_GPU = 4000
-
-
-def cores_per_process() -> int:
-    """CPU cores this process may use for its input pipelines: its affinity set, shared with the
-    other processes of the node unless the launcher already bound it to a subset of the cores."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if usable < (os.cpu_count() or usable):
-        return max(1, usable)  # already bound (Slurm --cpus-per-task, numactl): this is our share
-    return max(1, usable // max(1, world_info_from_env().local_world_size))
 
 
 def auto_huffman_threshold(cores: int, hw_decoder_load: float) -> int:
@@ -394,7 +391,7 @@ class DaliLoader(LoaderBase):
         self._names = _name_table(self.paths)
         with ThreadPoolExecutor(min(8, cores_per_process() * 2)) as pool:
             # (height, width) after EXIF orientation, from the headers: the crop boxes need them.
-            self.sizes = np.array(list(pool.map(_oriented_size, index.paths)), dtype=np.int64)
+            self.sizes = np.array(list(pool.map(oriented_size, index.paths)), dtype=np.int64)
         self.settings = resolve_settings(cfg, self.sizes)
         self.labels = torch.tensor(np.asarray(index.labels, dtype=np.float32), device=self.device)
         if self.train:
@@ -550,8 +547,6 @@ class DaliLoader(LoaderBase):
         """A UserError naming the file behind DALI's failure, or the original error (a bug). DALI's
         message names no file (measured with DALI 2.4.0), so the files of the batches in flight, the
         failing one among them, are decoded with torchvision."""
-        from .transforms import decode_rgb
-
         candidates = dict.fromkeys(int(p) for positions in in_flight for p in positions)
         for i in candidates:
             if self.paths[i] in str(err):

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from collections import Counter, deque
@@ -76,28 +75,30 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from ..distributed import usable_cores
 from ..errors import UserError
 from ..progress import Progress
 from .base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Batch,
     ImageSpec,
     LoaderBase,
     LoaderSpec,
     eval_plan,
+    mean_std,
+    normalize_on_device,
     sample_seeds,
     train_plan,
     train_steps,
 )
-from .check import EXIF_ORIENTATION
 from .transforms import (
     decode_rgb,
     eval_cover_size,
     eval_transform,
+    exif_orientation,
     fallback_box,
     image_hw,
     log_ratio_range,
+    oriented_size,
     quarter_turns,
 )
 
@@ -286,30 +287,13 @@ def fused_crop(
 # The cache build.
 
 
-def _oriented_size(path: Path) -> tuple[int, int]:
-    """(height, width) after EXIF orientation, from the file header alone."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
-                w, h = h, w
-    except FileNotFoundError:
-        raise UserError(f"{path}: image file is missing (run `invasive-dist check-data`)") from None
-    except Exception as e:
-        raise UserError(
-            f"{path}: cannot read the image header ({e}); run `invasive-dist check-data` "
-            "or set data.on_bad_file=skip"
-        ) from None
-    return h, w
-
-
 def _needs_cpu_decode(path: Path, data: bytes) -> bool:
     """nvJPEG decodes baseline/progressive JPEG only and ignores EXIF orientation."""
     if not data.startswith(b"\xff\xd8"):
         return True
     try:
         with Image.open(path) as im:
-            return im.getexif().get(EXIF_ORIENTATION, 1) != 1
+            return exif_orientation(im) != 1
     except Exception:
         return True  # the CPU decoder names the file if it is broken
 
@@ -367,10 +351,10 @@ class GpuCacheLoader(LoaderBase):
                 file=sys.stderr,
                 flush=True,
             )
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        self.scale = 1.0 / (255.0 * self.std.view(3))
-        self.shift = -self.mean / self.std
+        # The normalization folded into fused_crop, from base's per-device constants (made once).
+        mean, std = mean_std(self.device)
+        self.scale = 1.0 / (255.0 * std.view(3))
+        self.shift = -mean / std
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     # ------------------------------------------------------------------------------------------
@@ -379,7 +363,7 @@ class GpuCacheLoader(LoaderBase):
     def _stored_shape(self, positions: np.ndarray, pool: ThreadPoolExecutor) -> tuple[int, int]:
         if not self.train:
             return self.image.size
-        shapes = list(pool.map(_oriented_size, [self.index.paths[i] for i in positions]))
+        shapes = list(pool.map(oriented_size, [self.index.paths[i] for i in positions]))
         self.dominant = Counter(shapes).most_common(1)[0][0]
         h, w = self.dominant
         short = train_short_side(self.image, self.cfg)
@@ -399,7 +383,7 @@ class GpuCacheLoader(LoaderBase):
         return TF.resize(img, [H, W], antialias=True)
 
     def _build_cache(self, positions: np.ndarray) -> torch.Tensor:
-        workers = min(8, os.cpu_count() or 1)
+        workers = min(8, usable_cores())
         with ThreadPoolExecutor(workers) as pool:
             self.stored = self._stored_shape(positions, pool)
             H, W = self.stored
@@ -526,12 +510,11 @@ class GpuCacheLoader(LoaderBase):
         yield from self._prefetched(make, range(start_step, self.steps_per_epoch))
 
     def _eval_batch(self, idx: torch.Tensor) -> Batch:
-        x = self.images.index_select(0, self.row_of[idx])
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        out = torch.empty(x.shape, dtype=torch.float32, device=self.device, memory_format=fmt)
-        # base.normalize_on_device's arithmetic, so that on CPU it equals the torch backend's batch.
-        out.copy_(x).div_(255.0).sub_(self.mean).div_(self.std)
-        return Batch(out, self.labels[idx], idx)
+        # The torch backend's normalization: on CPU the batch equals its batch bit for bit.
+        images = normalize_on_device(
+            self.images.index_select(0, self.row_of[idx]), self.device, self.channels_last
+        )
+        return Batch(images, self.labels[idx], idx)
 
     def _on_side(self):
         """The side stream on CUDA (after everything queued on the current one), else nothing."""

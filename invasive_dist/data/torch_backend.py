@@ -29,6 +29,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing import forkserver
 
 import numpy as np
 import torch
@@ -147,8 +148,6 @@ def _start_forkserver_shielded() -> None:
     batch to reach its step boundary. It ends when the rank does (it watches a pipe from the rank).
     A stop signal that arrives in the few milliseconds of this start is lost; that happens while
     loaders are built, before the trainer handles signals."""
-    from multiprocessing import forkserver
-
     if threading.current_thread() is not threading.main_thread():
         forkserver.ensure_running()  # signal handlers can only be changed from the main thread
         return

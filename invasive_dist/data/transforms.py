@@ -1,7 +1,9 @@
-"""Decoding and the image geometry every backend shares: input size, training crops, eval geometry.
+"""Decoding and the image geometry every backend shares: input size, EXIF orientation, training
+crops, eval geometry.
 
     hw = image_hw(cfg.data.image_size)                 # 224 -> (224, 224); [336, 448] -> (336, 448)
     img = decode_rgb(path)                             # uint8 (3, H, W), EXIF applied, UserError naming the file
+    h, w = oriented_size(path)                         # the same (H, W), from the header alone
     x = train_transform(img, hw, 0.35, True, True, False, seed)
     x = eval_transform(img, hw, 0.875, "center_crop")  # or "full"
 
@@ -33,11 +35,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
 from ..errors import UserError
 
 EVAL_GEOMETRIES = ("center_crop", "full")
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of the orientation: 1 = stored upright, 2-8 = flipped/rotated
+# Orientations 5-8 store the image transposed (a quarter turn, possibly flipped): upright, its
+# height and width swap.
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 
 
 def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -84,6 +91,31 @@ def eval_resized_shape(h: int, w: int, hw: tuple[int, int], crop_pct: float) -> 
     if rh * w >= rw * h:  # the height binds
         return rh, int(rh * w / h)
     return int(rw * h / w), rw
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation of an open Pillow image (1, upright as stored, when it has none). The
+    decoders (torchvision's ``decode_rgb``, DALI) apply it; nvJPEG does not. Raises what Pillow
+    raises on a broken EXIF block."""
+    return im.getexif().get(EXIF_ORIENTATION, 1)
+
+
+def oriented_size(path: Path) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, as ``decode_rgb`` returns it, from the file header
+    alone; a UserError naming the file when the header cannot be read."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if exif_orientation(im) in TRANSPOSED_ORIENTATIONS:
+                w, h = h, w
+    except FileNotFoundError:
+        raise UserError(f"{path}: image file is missing (run `invasive-dist check-data`)") from None
+    except Exception as e:
+        raise UserError(
+            f"{path}: cannot read the image header ({e}); run `invasive-dist check-data` "
+            "or set data.on_bad_file=skip"
+        ) from None
+    return h, w
 
 
 def decode_rgb(path: Path) -> torch.Tensor:
