@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 from .data.kaggle import read_labels
 from .files import write_json
-from .plots import font, image_grid, save_png, text_size
+from .plots import font, image_grid, save_png, text_size, vertical_text
 
 CLASS_NAMES = {1: "invasive", 0: "not invasive"}
 COLOURS = {1: (143, 110, 212), 0: (76, 140, 74)}
@@ -101,13 +101,8 @@ def class_balance_png(counts: dict[int, int], path: Path, title: str) -> None:
     xl = "class (column 'invasive')"
     xw, _ = text_size(d, xl, f_label)
     d.text(((x0 + x1 - xw) / 2, h - 30), xl, fill="black", font=f_label)
-    # The y label is drawn on its own strip and rotated.
-    yl = "number of train images"
-    yw, yh = text_size(d, yl, f_label)
-    strip = Image.new("RGB", (yw + 4, yh + 8), "white")
-    ImageDraw.Draw(strip).text((2, 0), yl, fill="black", font=f_label)
-    strip = strip.rotate(90, expand=True)
-    img.paste(strip, (12, int((y0 + y1 - strip.height) / 2)))
+    ylab = vertical_text("number of train images", f_label)
+    img.paste(ylab, (12, int((y0 + y1 - ylab.height) / 2)))
     save_png(img, path)
 
 

@@ -44,6 +44,14 @@ def text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
     return x1 - x0, y1 - y0
 
 
+def vertical_text(text: str, font, fill: Color = "black") -> Image.Image:
+    """``text`` on a white strip turned 90 degrees (read bottom to top): a y-axis label to paste."""
+    _, _, w, h = font.getbbox(text)  # extents from the origin, top-left anchored
+    strip = Image.new("RGB", (w + 4, h + 4), "white")
+    ImageDraw.Draw(strip).text((2, 2), text, fill=fill, font=font)
+    return strip.rotate(90, expand=True)
+
+
 def dashed(draw: ImageDraw.ImageDraw, p0, p1, fill, dash: int = 6) -> None:
     (x0, y0), (x1, y1) = p0, p1
     n = max(1, int(math.hypot(x1 - x0, y1 - y0) // dash))
@@ -77,9 +85,8 @@ def draw_roc(curves: list[dict], path: Path, title: str = "ROC") -> Path:
         d.line(pts, fill=tuple(c.get("color", (0, 0, 0))), width=int(c.get("width", 2)), joint="curve")
     d.text((W / 2, 12), title, fill="black", font=f, anchor="mt")
     d.text((left + pw / 2, H - 8), "false positive rate", fill="black", font=fs, anchor="mb")
-    ylab = Image.new("RGB", (ph, 18), "white")
-    ImageDraw.Draw(ylab).text((ph / 2, 9), "true positive rate", fill="black", font=fs, anchor="mm")
-    img.paste(ylab.rotate(90, expand=True), (4, top))
+    ylab = vertical_text("true positive rate", fs)
+    img.paste(ylab, (4, top + (ph - ylab.height) // 2))
     # Legend, bottom right inside the plot.
     lines = [(c["label"], tuple(c.get("color", (0, 0, 0)))) for c in curves]
     lh = 18
