@@ -29,10 +29,12 @@ from .distributed import accelerator_from_env
 from .errors import UserError
 from .files import write_json
 from .metrics import confusion, roc_auc, youden_threshold
-from .plots import draw_confusion, draw_roc, draw_wrong_grid, roc_curves_for
+from .plots import draw_confusion, draw_roc, image_grid, roc_curves_for
 from .predict import is_cv_dir, load_run_config
 
 __all__ = ["analyze_predictions", "analyze_run", "cmd_analyze"]
+
+WRONG = (214, 39, 40)  # red: the frame and probability of a misclassified image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,6 +53,12 @@ def parse_threshold(text: str | float) -> str | float:
     if not 0.0 <= value <= 1.0:
         raise UserError(f"--threshold {value}: must be in [0, 1]")
     return value
+
+
+def wrong_caption(row) -> tuple[str, str]:
+    """The two caption lines of a misclassified image: name, label[, fold]; its probability."""
+    fold = f"  fold {int(row.fold)}" if hasattr(row, "fold") else ""
+    return f"{row.name}   label {int(row.label)}{fold}", f"p(invasive) = {row.probability:.4f}"
 
 
 def analyze_predictions(
@@ -75,12 +83,17 @@ def analyze_predictions(
     wrong["error"] = (wrong["label"] - wrong["probability"]).abs()
     wrong = wrong.sort_values("error", ascending=False, kind="mergesort")
     shown = wrong.head(n_wrong)
-    draw_wrong_grid(
-        shown,
-        image_root,
+    image_grid(
+        [
+            (Path(image_root) / "train" / f"{r.name}.jpg", wrong_caption(r))
+            for r in shown.itertuples(index=False)
+        ],
         out_dir / "wrong.png",
         title=f"{len(wrong)} of {len(oof)} misclassified at threshold {thr_value:.4g}; "
         f"the {len(shown)} most confident",
+        caption_colors=("black", WRONG),
+        frame=WRONG,
+        empty="no misclassified images",
     )
     summary = {
         "n": int(len(oof)),

@@ -10,9 +10,9 @@ writes to ``out_dir``:
 - ``summary.json``: counts per class, train/test image counts, image sizes seen (``"1154x866": n``,
   from the JPEG headers only) and file sizes in bytes (min/mean/max) for train and test.
 
-Plots are drawn with Pillow (no plotting dependency). Reading the sizes of the 3,826 competition
-images touches only their headers; decoding is limited to the thumbnails (``Image.draft`` lets
-libjpeg decode them at 1/2 to 1/8 scale).
+Plots are drawn with Pillow (plots.py; no plotting dependency). Reading the sizes of the 3,826
+competition images touches only their headers; decoding is limited to the thumbnails
+(``Image.draft`` lets libjpeg decode them at 1/2 to 1/8 scale).
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from PIL import Image, ImageDraw
 
 from .data.kaggle import read_labels
 from .files import write_json
-from .plots import font, save_png, text_size, thumbnail
+from .plots import font, image_grid, save_png, text_size, vertical_text
 
-THUMB = (224, 168)  # thumbnail box (the competition's 4:3 aspect)
 CLASS_NAMES = {1: "invasive", 0: "not invasive"}
 COLOURS = {1: (143, 110, 212), 0: (76, 140, 74)}
 
@@ -102,13 +101,8 @@ def class_balance_png(counts: dict[int, int], path: Path, title: str) -> None:
     xl = "class (column 'invasive')"
     xw, _ = text_size(d, xl, f_label)
     d.text(((x0 + x1 - xw) / 2, h - 30), xl, fill="black", font=f_label)
-    # The y label is drawn on its own strip and rotated.
-    yl = "number of train images"
-    yw, yh = text_size(d, yl, f_label)
-    strip = Image.new("RGB", (yw + 4, yh + 8), "white")
-    ImageDraw.Draw(strip).text((2, 0), yl, fill="black", font=f_label)
-    strip = strip.rotate(90, expand=True)
-    img.paste(strip, (12, int((y0 + y1 - strip.height) / 2)))
+    ylab = vertical_text("number of train images", f_label)
+    img.paste(ylab, (12, int((y0 + y1 - ylab.height) / 2)))
     save_png(img, path)
 
 
@@ -120,28 +114,6 @@ def _nice_step(peak: int) -> int:
         if raw <= m * mag:
             return int(m * mag)
     return int(10 * mag)
-
-
-def sample_grid_png(paths: list[tuple[str, Path]], path: Path, title: str, cols: int = 4) -> None:
-    """A grid of captioned thumbnails: ``paths`` is [(name, file)]."""
-    cols = max(1, min(cols, len(paths)))
-    rows = max(1, -(-len(paths) // cols))
-    pad, caption, head = 8, 20, 40
-    cw, ch = THUMB[0] + pad, THUMB[1] + caption + pad
-    img = Image.new("RGB", (pad + cols * cw, head + rows * ch + pad), "white")
-    d = ImageDraw.Draw(img)
-    d.text((pad, 10), title, fill="black", font=font(18))
-    f = font(13)
-    for i, (name, p) in enumerate(paths):
-        x, y = pad + (i % cols) * cw, head + (i // cols) * ch
-        th = thumbnail(p, THUMB)
-        img.paste(th, (x + (THUMB[0] - th.width) // 2, y + (THUMB[1] - th.height) // 2))
-        label = f"{name}.jpg"
-        lw, _ = text_size(d, label, f)
-        d.text((x + (THUMB[0] - lw) // 2, y + THUMB[1] + 3), label, fill="black", font=f)
-    if not paths:
-        d.text((pad, head + 10), "no images of this class", fill="black", font=font(14))
-    save_png(img, path)
 
 
 def run_eda(
@@ -169,9 +141,9 @@ def run_eda(
         # Only images that exist can be shown; draw from those, in label-file order, by seed.
         members = [n for n, v in zip(names, values) if v == cls and (train_dir / f"{n}.jpg").is_file()]
         pick = sorted(rng.choice(len(members), size=min(per_class, len(members)), replace=False).tolist())
-        shown = [(members[i], train_dir / f"{members[i]}.jpg") for i in pick]
+        shown = [(train_dir / f"{members[i]}.jpg", f"{members[i]}.jpg") for i in pick]
         title = f"{CLASS_NAMES[cls]} (label {cls}): {len(shown)} of {counts[cls]} images, seed {seed}"
-        sample_grid_png(shown, out_dir / fname, title)
+        image_grid(shown, out_dir / fname, title, empty="no images of this class")
 
     train_files, test_files = _jpg_files(train_dir), _jpg_files(data_root / "test")
     train_sizes, train_bytes, train_bad = _header_stats(train_files)

@@ -1,15 +1,17 @@
-"""Figures drawn with Pillow (no plotting library): ROC curves, confusion matrix, image grids, and
-the helpers they share (font, text size, upright thumbnails, atomic PNG writes).
+"""Figures drawn with Pillow (no plotting library): ROC curves, confusion matrix, captioned image
+grids, and the helpers they share (font, text size, upright thumbnails, atomic PNG writes).
 
     draw_roc(roc_curves_for(oof), run_dir / "roc.png")
-    img.paste(thumbnail(path, (224, 168)), (x, y)); save_png(img, out / "grid.png")
+    image_grid([(root / "train" / "12.jpg", "12.jpg"), ...], out / "samples.png", title="invasive")
 
-Used by ``analyze`` (analysis.py), ``cv`` (the out-of-fold ROC) and ``eda``.
+Used by ``analyze`` (analysis.py: ROC, confusion, the misclassified images), ``cv`` (the
+out-of-fold ROC) and ``eda`` (class balance, sample images).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from .files import atomic_write
 from .metrics import roc_auc, roc_curve
 
+Color = str | tuple[int, int, int]  # a Pillow colour: a name or RGB
+THUMB = (224, 168)  # grid thumbnail box: the competition's 4:3 aspect (1154x866 images)
 FOLD_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
                (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # fmt: skip
 
@@ -38,6 +42,14 @@ def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 def text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
     x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
     return x1 - x0, y1 - y0
+
+
+def vertical_text(text: str, font, fill: Color = "black") -> Image.Image:
+    """``text`` on a white strip turned 90 degrees (read bottom to top): a y-axis label to paste."""
+    _, _, w, h = font.getbbox(text)  # extents from the origin, top-left anchored
+    strip = Image.new("RGB", (w + 4, h + 4), "white")
+    ImageDraw.Draw(strip).text((2, 2), text, fill=fill, font=font)
+    return strip.rotate(90, expand=True)
 
 
 def dashed(draw: ImageDraw.ImageDraw, p0, p1, fill, dash: int = 6) -> None:
@@ -73,9 +85,8 @@ def draw_roc(curves: list[dict], path: Path, title: str = "ROC") -> Path:
         d.line(pts, fill=tuple(c.get("color", (0, 0, 0))), width=int(c.get("width", 2)), joint="curve")
     d.text((W / 2, 12), title, fill="black", font=f, anchor="mt")
     d.text((left + pw / 2, H - 8), "false positive rate", fill="black", font=fs, anchor="mb")
-    ylab = Image.new("RGB", (ph, 18), "white")
-    ImageDraw.Draw(ylab).text((ph / 2, 9), "true positive rate", fill="black", font=fs, anchor="mm")
-    img.paste(ylab.rotate(90, expand=True), (4, top))
+    ylab = vertical_text("true positive rate", fs)
+    img.paste(ylab, (4, top + (ph - ylab.height) // 2))
     # Legend, bottom right inside the plot.
     lines = [(c["label"], tuple(c.get("color", (0, 0, 0)))) for c in curves]
     lh = 18
@@ -150,32 +161,49 @@ def thumbnail(path: Path, size: tuple[int, int]) -> Image.Image:
         return ph
 
 
-def draw_wrong_grid(rows: pd.DataFrame, image_root: Path, path: Path, title: str, cols: int = 4) -> Path:
-    """Thumbnails of ``rows`` (name, label, probability[, fold]) with captions under each."""
-    tw, th, cap, pad, head = 220, 165, 40, 10, 40
-    n = len(rows)
+def image_grid(
+    items: Sequence[tuple[Path, str | Sequence[str]]],
+    path: Path,
+    title: str,
+    *,
+    cols: int = 4,
+    thumb: tuple[int, int] = THUMB,
+    caption_colors: Sequence[Color] = ("black",),
+    frame: Color | None = None,
+    empty: str = "no images",
+) -> Path:
+    """A titled grid of upright thumbnails, ``cols`` per row, each with its caption centred under it.
+
+    ``items`` is [(image file, caption)]; a caption is one line or a sequence of lines, line i drawn
+    in ``caption_colors[i]`` (the last colour for any further lines). ``frame`` outlines each
+    thumbnail in that colour; ``empty`` is written instead when there are no items. The image is
+    as wide as the title needs, at least. Used for the EDA samples and the misclassified images."""
+    captions = [(c,) if isinstance(c, str) else tuple(c) for _, c in items]
+    n = len(items)
     cols = max(1, min(cols, n))
     nrows = max(1, math.ceil(n / cols))
-    W = pad + cols * (tw + pad)
-    H = head + nrows * (th + cap + pad) + pad
-    img = Image.new("RGB", (max(W, 420), H), "white")
-    d = ImageDraw.Draw(img)
+    tw, th = thumb
+    pad, head, line = 10, 40, 17  # 17 px per 13 px caption line
+    cap = 4 + line * max([1, *map(len, captions)])
     f, fs = font(15), font(13)
-    d.text((img.width / 2, 12), title, fill="black", font=f, anchor="mt")
+    W = max(pad + cols * (tw + pad), math.ceil(f.getlength(title)) + 2 * pad)
+    H = head + nrows * (th + cap + pad) + pad
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((W / 2, 12), title, fill="black", font=f, anchor="mt")
     if n == 0:
-        d.text((img.width / 2, head + th / 2), "no misclassified images", fill="black", font=f, anchor="mm")
-    for i, row in enumerate(rows.itertuples(index=False)):
+        d.text((W / 2, head + th / 2), empty, fill="black", font=f, anchor="mm")
+    for i, ((file, _), lines) in enumerate(zip(items, captions)):
         r, c = divmod(i, cols)
         x, y = pad + c * (tw + pad), head + r * (th + cap + pad)
-        thumb = thumbnail(Path(image_root) / "train" / f"{row.name}.jpg", (tw, th))
-        ox, oy = x + (tw - thumb.width) // 2, y + (th - thumb.height) // 2
-        img.paste(thumb, (ox, oy))
-        d.rectangle(
-            [ox - 2, oy - 2, ox + thumb.width + 1, oy + thumb.height + 1], outline=(214, 39, 40), width=2
-        )
-        fold = f"  fold {int(row.fold)}" if hasattr(row, "fold") else ""
-        d.text((x, y + th + 4), f"{row.name}   label {int(row.label)}{fold}", fill="black", font=fs)
-        d.text((x, y + th + 21), f"p(invasive) = {row.probability:.4f}", fill=(214, 39, 40), font=fs)
+        im = thumbnail(Path(file), thumb)
+        ox, oy = x + (tw - im.width) // 2, y + (th - im.height) // 2
+        img.paste(im, (ox, oy))
+        if frame is not None:
+            d.rectangle([ox - 2, oy - 2, ox + im.width + 1, oy + im.height + 1], outline=frame, width=2)
+        for k, text in enumerate(lines):
+            color = caption_colors[min(k, len(caption_colors) - 1)]
+            d.text((x + tw / 2, y + th + 4 + k * line), text, fill=color, font=fs, anchor="ma")
     return save_png(img, path)
 
 

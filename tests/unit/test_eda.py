@@ -11,8 +11,11 @@ import pytest
 from PIL import Image
 
 from invasive_dist.data.synth import synthesize
-from invasive_dist.eda import THUMB, run_eda
+from invasive_dist.eda import run_eda
 from invasive_dist.errors import UserError
+from invasive_dist.plots import THUMB
+
+from .test_plots import grid_shape
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "kaggle-real-sample"
 
@@ -46,6 +49,7 @@ def test_files_exist_and_decode(data, tmp_path):
     # 3 thumbnails in one row: each cell is the thumbnail box plus padding, plus a caption row.
     w, h = png_size(out / "samples_invasive.png")
     assert w >= 3 * THUMB[0] and THUMB[1] < h < 2 * THUMB[1]
+    assert grid_shape(out / "samples_invasive.png") == grid_shape(out / "samples_not_invasive.png") == (1, 3)
     assert json.loads((out / "summary.json").read_text()) == summary
 
 
@@ -69,6 +73,8 @@ def test_more_rows_when_more_samples(data, tmp_path):
     ha = png_size(tmp_path / "a" / "samples_not_invasive.png")[1]
     hb = png_size(tmp_path / "b" / "samples_not_invasive.png")[1]
     assert hb > ha + THUMB[1]
+    assert grid_shape(tmp_path / "a" / "samples_not_invasive.png") == (1, 2)
+    assert grid_shape(tmp_path / "b" / "samples_not_invasive.png") == (2, 4)
 
 
 def test_same_seed_same_sample_grid(data, tmp_path):
