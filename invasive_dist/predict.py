@@ -44,7 +44,7 @@ from .checkpoint import Checkpointer, load_checkpoint
 from .config import Config, load_config
 from .data import LoaderSpec, Shard, build_loader
 from .data.check import cached_check
-from .data.kaggle import DataIndex, read_csv_text, test_index
+from .data.kaggle import DataIndex, read_name_csv, test_index
 from .data.transforms import image_hw
 from .errors import UserError
 from .evaluation import gather_unique
@@ -202,16 +202,17 @@ def combine(probs: np.ndarray, how: str) -> np.ndarray:
 def ensemble_files(paths: Sequence[str | Path], how: str = "mean") -> pd.DataFrame:
     """Average submission CSVs (name,invasive) into one DataFrame, by ``mean`` or ``rank_mean``.
 
-    Every file must list the same names in the same order as the first; a file that does not is a
-    UserError naming it and the first row that differs."""
+    Each file is read by the sample submission's parser (``kaggle.read_name_csv``): a malformed row
+    is a UserError naming the file and line. Every file must list the same names in the same order
+    as the first; a file that does not is a UserError naming it and the first row that differs."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise UserError("ensemble: no submission files given")
-    frames = [read_csv_text(p) for p in paths]
-    names = list(frames[0]["name"])
+    files = [read_name_csv(p, labelled=False, checked=False) for p in paths]
+    names = files[0].names
     cols = []
-    for path, df in zip(paths, frames):
-        other = list(df["name"])
+    for path, rows in zip(paths, files):
+        other = rows.names
         if other != names:
             if len(other) != len(names):
                 why = f"has {len(other)} rows, {paths[0]} has {len(names)}"
@@ -222,12 +223,17 @@ def ensemble_files(paths: Sequence[str | Path], how: str = "mean") -> pd.DataFra
                 f"{path}: names differ from {paths[0]} ({why}); every file must list the sample "
                 "submission's names in its order"
             )
-        try:
-            values = df["invasive"].astype(np.float64).to_numpy()
-        except ValueError:
-            raise UserError(f"{path}: column 'invasive' holds values that are not numbers") from None
-        if not np.isfinite(values).all():
-            raise UserError(f"{path}: column 'invasive' holds NaN or infinite values")
+        values = np.empty(len(other), dtype=np.float64)
+        for i, (name, text) in enumerate(zip(other, rows.values)):
+            try:
+                values[i] = float(text)
+            except ValueError:
+                values[i] = np.nan
+            if not np.isfinite(values[i]):
+                raise UserError(
+                    f"{path} row {i + 2}: image {name!r} has invasive={text!r}; every value must be "
+                    "a finite number (a probability)"
+                )
         cols.append(values)
     return pd.DataFrame({"name": names, "invasive": combine(np.stack(cols), how)})
 

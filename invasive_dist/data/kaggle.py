@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,27 +49,6 @@ class DataIndex:
         )
 
 
-def read_csv_text(path: Path) -> pd.DataFrame:
-    """Read a ``name,invasive`` CSV (CRLF or LF) with names kept as strings."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    if not raw.strip():
-        raise UserError(f"{path}: the file is empty; expected a header 'name,invasive' and rows")
-    try:
-        df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable CSV ({e})") from None
-    df.columns = [c.strip() for c in df.columns]
-    if tuple(df.columns) != LABEL_HEADER:
-        raise UserError(
-            f"{path}: header is {','.join(df.columns)!r}; expected 'name,invasive' "
-            "(the Kaggle train_labels.csv / sample_submission.csv format)"
-        )
-    return df.apply(lambda col: col.str.strip())
-
-
 @dataclass(frozen=True)
 class RowProblem:
     kind: (
@@ -85,25 +64,33 @@ class NameRows:
     labels: list[int]  # their labels (0/1; -1 for the sample submission)
     bad_names: list[str]  # rows whose name is not an integer (kept in names for a label file)
     problems: list[RowProblem]
+    values: list[str] = field(default_factory=list)  # the usable rows' second field, as written
+
+
+def read_name_csv(path: Path, labelled: bool = True, checked: bool = True) -> NameRows:
+    """:func:`parse_name_csv`, refusing: any problem of the file or of a row (header, field count,
+    a label that is not 0/1, a duplicate name; for an unlabelled file also a name that is not an
+    integer) is a UserError naming the file and line. A label file keeps its non-integer names:
+    the data check marks them bad (refused, or left out with ``data.on_bad_file=skip``).
+    ``checked``: the file is one ``check-data`` reads, so the error points there for the rest."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    rows = parse_name_csv(path, labelled)
+    refused = [p for p in rows.problems if not (labelled and p.kind == "bad-name")]
+    if refused:
+        more = ""
+        if len(refused) > 1:
+            where = "run `invasive-dist check-data` for the list" if checked else "fix them too"
+            more = f" ({len(refused) - 1} more; {where})"
+        raise UserError(refused[0].message + more)
+    return rows
 
 
 def read_labels(path: Path) -> pd.DataFrame:
-    """Label file -> DataFrame(name: str, invasive: int), by the parser ``check-data`` uses.
-
-    Any problem of the file or of a row (header, field count, a label that is not 0/1, a duplicate
-    name) is a UserError naming the file and line. Names that are not integers are kept here: the
-    data check marks them bad (refused, or left out with ``data.on_bad_file=skip``)."""
-    if not Path(path).is_file():
-        raise UserError(f"{path}: file not found")
-    rows = parse_name_csv(Path(path), labelled=True)
-    refused = [p for p in rows.problems if p.kind != "bad-name"]
-    if refused:
-        more = (
-            f" ({len(refused) - 1} more; run `invasive-dist check-data` for the list)"
-            if len(refused) > 1
-            else ""
-        )
-        raise UserError(refused[0].message + more)
+    """Label file -> DataFrame(name: str, invasive: int), by the parser ``check-data`` uses;
+    refused as :func:`read_name_csv` says."""
+    rows = read_name_csv(Path(path), labelled=True)
     return pd.DataFrame(
         {"name": pd.Series(rows.names, dtype=object), "invasive": np.asarray(rows.labels, np.int64)}
     )
@@ -112,7 +99,8 @@ def read_labels(path: Path) -> pd.DataFrame:
 def parse_name_csv(path: Path, labelled: bool = True) -> NameRows:
     """Parse a ``name,invasive`` file (the label file, or with ``labelled=False`` the sample
     submission) into its usable rows and every problem found, each naming the file and line.
-    Never raises: :func:`read_labels` refuses on the problems, ``check-data`` reports them."""
+    Never raises: :func:`read_name_csv` (and so training and prediction) refuses on the problems,
+    ``check-data`` reports them."""
     what = "label file" if labelled else "sample submission"
     fix = (
         "it must be 'name,invasive' with one row per train image, as the Kaggle train_labels.csv"
@@ -147,7 +135,7 @@ def parse_name_csv(path: Path, labelled: bool = True) -> NameRows:
         add("labels-empty", f"{path}: the {what} is empty; {fix}")
         return NameRows([], [], [], problems)
     header = [c.strip() for c in rows[0]]
-    if header != ["name", "invasive"]:
+    if tuple(header) != LABEL_HEADER:
         add("labels-header", f"{path}: header is {','.join(rows[0])!r}, expected 'name,invasive'; {fix}")
         return NameRows([], [], [], problems)
     if len(rows) == 1:
@@ -157,6 +145,7 @@ def parse_name_csv(path: Path, labelled: bool = True) -> NameRows:
     names: list[str] = []
     labels: list[int] = []
     bad_names: list[str] = []
+    values: list[str] = []
     seen: dict[str, int] = {}
     # Line numbers assume one row per line (true for these files; blank lines are skipped by csv).
     lines = [i + 1 for i, line in enumerate(text.splitlines()) if line.strip()]
@@ -195,7 +184,8 @@ def parse_name_csv(path: Path, labelled: bool = True) -> NameRows:
             continue
         names.append(name)
         labels.append(int(value) if labelled else -1)
-    return NameRows(names, labels, bad_names, problems)
+        values.append(value)
+    return NameRows(names, labels, bad_names, problems, values)
 
 
 def train_index(root: str | Path, labels_csv: str = "train_labels.csv", limit: int = 0) -> DataIndex:
@@ -220,11 +210,14 @@ def name_key(name: str) -> tuple[int, int | str]:
 
 
 def test_index(root: str | Path) -> DataIndex:
-    """Test images in the sample submission's order, or sorted from test/ when it is absent."""
+    """Test images in the sample submission's order, or sorted from test/ when it is absent.
+
+    The sample submission is read by the parser ``check-data`` uses (:func:`read_name_csv`): a
+    row it reports is a UserError here, naming the file and line."""
     root = Path(root)
     sub = root / "sample_submission.csv"
     if sub.is_file():
-        names = list(read_csv_text(sub)["name"])
+        names = read_name_csv(sub, labelled=False).names
     elif (root / "test").is_dir():
         names = sorted((p.stem for p in (root / "test").glob("*.jpg")), key=name_key)
     else:

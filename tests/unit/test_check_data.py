@@ -15,6 +15,7 @@ from PIL import Image
 
 import invasive_dist.data.check as check_mod
 from invasive_dist.data.check import Problem, cached_check, check_data
+from invasive_dist.data.kaggle import test_index
 from invasive_dist.data.synth import synthesize
 from invasive_dist.data.torch_backend import decode_rgb
 from invasive_dist.errors import UserError
@@ -313,6 +314,27 @@ def test_test_set_problems_in_the_submission_and_folder(data):
     r = check_data(data)
     assert {"test-duplicate-name", "test-bad-name", "test-unlisted-file"} <= set(kinds(r))
     assert "77.jpg" in only(r, "test-unlisted-file").message
+
+
+@pytest.mark.parametrize(
+    "rows, kind",
+    [
+        ("1,0.5\r\n2,0.5,0.5\r\n3,0.5\r\n4,0.5\r\n", "test-labels-row"),
+        ("1,0.5\r\n2,0.5\r\n3,0.5\r\n4,0.5\r\n2,0.5\r\n", "test-duplicate-name"),
+        ("1,0.5\r\n2,0.5\r\nthree,0.5\r\n4,0.5\r\n", "test-bad-name"),
+    ],
+)
+def test_check_reports_the_sample_submission_row_that_test_index_refuses(data, rows, kind):
+    sub = data / "sample_submission.csv"
+    sub.write_bytes(b"name,invasive\r\n" + rows.encode())
+    with pytest.raises(UserError) as e:
+        test_index(data)
+    refused = str(e.value)
+    r = check_data(data)
+    # One parser: the check's problem is the loader's refusal, word for word, and it stops predict.
+    assert only(r, kind).message == refused and f"{sub} line " in refused
+    assert [p.message for p in r.blocking("predict")] == [refused]
+    assert r.blocking("train") == []
 
 
 def test_no_test_set_at_all(data):

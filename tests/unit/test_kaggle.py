@@ -34,6 +34,40 @@ def test_real_test_names_in_submission_order(real_sample):
     assert (idx.labels == -1).all()
 
 
+def test_real_full_sample_submission_keeps_its_order(real_sample, tmp_path):
+    # The published 1531-row file (CRLF, probabilities 0.5) through the same parser as the sample.
+    (tmp_path / "sample_submission.csv").write_bytes(
+        (real_sample / "sample_submission_full.csv").read_bytes()
+    )
+    idx = test_index(tmp_path)
+    assert len(idx) == 1531 and idx.names[:3] == ["1", "2", "3"] and idx.names[-1] == "1531"
+    assert idx.paths[0] == tmp_path / "test" / "1.jpg"
+
+
+@pytest.mark.parametrize(
+    "rows, line, match",
+    [
+        (b"1,0.5\r\n2,0.5,extra\r\n", 3, "3 field"),
+        (b"1,0.5\r\n2,0.5\r\n1,0.5\r\n", 4, "more than once"),
+        (b"1,0.5\r\nx7,0.5\r\n", 3, "not an integer"),
+    ],
+)
+def test_malformed_sample_submission_row_is_refused_naming_file_and_line(tmp_path, rows, line, match):
+    sub = tmp_path / "sample_submission.csv"
+    sub.write_bytes(b"name,invasive\r\n" + rows)
+    with pytest.raises(UserError, match=match) as e:
+        test_index(tmp_path)
+    assert f"{sub} line {line}:" in str(e.value)
+
+
+@pytest.mark.parametrize("text, match", [(b"id,p\n1,0.5\n", "header"), (b"name,invasive\n", "no rows")])
+def test_unusable_sample_submission_is_refused(tmp_path, text, match):
+    (tmp_path / "sample_submission.csv").write_bytes(text)
+    with pytest.raises(UserError, match=match) as e:
+        test_index(tmp_path)
+    assert str(tmp_path / "sample_submission.csv") in str(e.value)
+
+
 def test_test_index_from_folder_when_no_sample_submission(tmp_path):
     (tmp_path / "test").mkdir()
     for n in ["10", "2", "1"]:

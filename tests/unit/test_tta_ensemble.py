@@ -1,6 +1,6 @@
-"""Prediction's pure parts: the TTA views and their mean, and ensembles of submission files
-(mean and rank mean, rows matched by name). The end-to-end runs are in tests/integration/test_cv.py
-and test_train_e2e.py."""
+"""Prediction's pure parts: the TTA views and their mean, the fold ensemble (mean and rank mean),
+and ensembles of submission files (rows matched by name, malformed files refused). The end-to-end
+runs are in tests/integration/test_cv.py and test_train_e2e.py."""
 
 from __future__ import annotations
 
@@ -50,6 +50,17 @@ def test_tta_leaves_an_invariant_model_unchanged():
     )
 
 
+def test_combine_mean_and_rank_mean():
+    # What `invasive-dist predict` does with a CV directory's folds (predict.ensemble).
+    probs = np.array([[0.1, 0.4, 0.9], [0.3, 0.2, 0.8]])
+    np.testing.assert_allclose(combine(probs, "mean"), [0.2, 0.3, 0.85])
+    # Ranks scaled to [0, 1]: row 0 -> 0, .5, 1 and row 1 -> .5, 0, 1.
+    np.testing.assert_allclose(combine(probs, "rank_mean"), [0.25, 0.25, 1.0])
+    np.testing.assert_allclose(combine(np.array([[0.7]]), "rank_mean"), [0.5])  # one image
+    with pytest.raises(UserError, match="rank_mean"):
+        combine(probs, "median")
+
+
 def test_ensemble_files_mean_and_rank_mean(tmp_path):
     a, b, c = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"
     a.write_text("name,invasive\n1,0.1\n2,0.4\n3,0.9\n")
@@ -65,3 +76,20 @@ def test_ensemble_files_mean_and_rank_mean(tmp_path):
         ensemble_files([a, c], "mean")
     with pytest.raises(UserError, match="rank_mean"):
         ensemble_files([a, b], "median")
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("name,invasive\n1,0.1\n2,0.4,0.5\n3,0.9\n", r"d\.csv line 3: .*3 field"),
+        ("name,invasive\n1,0.1\n2,high\n3,0.9\n", r"d\.csv row 3: image '2' has invasive='high'"),
+        ("name,invasive\n1,0.1\n2,nan\n3,0.9\n", r"d\.csv row 3: .*finite"),
+        ("name,p\n1,0.1\n2,0.4\n3,0.9\n", r"d\.csv: header"),
+    ],
+)
+def test_ensemble_files_refuses_a_malformed_file_naming_it_and_the_row(tmp_path, text, match):
+    a, d = tmp_path / "a.csv", tmp_path / "d.csv"
+    a.write_text("name,invasive\n1,0.1\n2,0.4\n3,0.9\n")
+    d.write_text(text)
+    with pytest.raises(UserError, match=match):
+        ensemble_files([a, d], "mean")
