@@ -52,7 +52,7 @@ from .build import loader_spec
 from .config import Config, load_config, parse_override, with_keys
 from .data import BACKENDS, Batch, build_loader, dali_version, resolve_backend
 from .data.transforms import image_hw
-from .distributed import build_accelerator, world_info_from_env
+from .distributed import build_accelerator, usable_cores, world_info_from_env
 from .errors import UserError
 from .files import write_json
 from .train import Trainer, build_parts
@@ -183,9 +183,7 @@ def hardware(device: torch.device) -> dict:
     info = {
         "cpu": _cpu_model(),
         "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
+        "cpu_cores_usable": usable_cores(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torchvision
 import yaml
 
 from .archs import model_problems
@@ -416,8 +417,6 @@ def validate(cfg: Config, source: str = "<config>") -> None:
 
 def _check_arch(arch: str) -> str:
     """'' when torchvision has the classification model ``arch``, else the problem with a hint."""
-    import torchvision  # here, not at the top: `invasive-dist config` and the tests stay light
-
     available = torchvision.models.list_models(module=torchvision.models)
     if arch in available:
         return ""

@@ -28,6 +28,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import IO, TypeVar
 
+from .distributed import world_info_from_env
+
 T = TypeVar("T")
 
 DEFAULT_INTERVAL_S = 30.0  # log files: one line per 30 s keeps an hour-long phase to 120 lines
@@ -55,8 +57,6 @@ def _interval_from_env() -> float:
 
 def is_main_process() -> bool:
     """Rank 0 of the launch (or no launcher): the process that shows progress by default."""
-    from .distributed import world_info_from_env
-
     try:
         return world_info_from_env().is_main
     except Exception:  # a malformed RANK is reported where the world is built, not here
