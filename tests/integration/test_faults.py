@@ -377,9 +377,11 @@ def _evaluate_one_process(trainer_cls, run_dir: Path, state: dict) -> dict:
 
     from invasive_dist.config import load_config
     from invasive_dist.distributed import WorldInfo
+    from invasive_dist.train import build_parts
 
     cfg = load_config(run_dir / "config.yaml", ["resume=''", "output.tensorboard=false"])
-    trainer = trainer_cls(cfg, Accelerator(cpu=True), WorldInfo())
+    acc, world = Accelerator(cpu=True), WorldInfo()
+    trainer = trainer_cls(cfg, acc, world, build_parts(cfg, acc, world))
     trainer.raw_model.load_state_dict(state["model"])
     trainer.ema.load_state_dict(state["ema"])
     return trainer.evaluate().metrics()
