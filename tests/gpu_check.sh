@@ -11,7 +11,7 @@
 #   1. dali    make nvidia.dali importable (skipped when it already is; without parts the dali rows say so)
 #   2. data    2,295 synthetic 1154x866 JPEGs (the real train set's count and size; bench trains on
 #              the 1,836 of the training folds) with the project's generator into data/bench, kept
-#   3. tests   python3 -m pytest -m gpu tests -q (tests/gpu, and the gpu-marked DALI tests of tests/unit)
+#   3. tests   python3 -m pytest -m gpu tests -q (the tests of tests/gpu; every CUDA test lives there)
 #   4. bench   tests/gpu/bench_rows.py, configs/bench_r50.yaml (224 px, bf16, channels_last, batch
 #              256): ResNet-50 eager, then compiled, then ResNet-18 eager and compiled; per group the
 #              model alone and synthetic, gpu_cache, dali, torch (input alone, end to end); each

@@ -33,8 +33,8 @@ What the tests hold the launchers to:
   from it and finishes, logging every step exactly once.
 
 Run: ``.venv/bin/python -m pytest tests/integration/test_distributed.py -q``. About 3.5 min on 2
-shared CPU cores, most of it the start of the processes (importing torch); the launch-script
-argument checks alone (``-m "not slow"``) take about 5 s.
+shared CPU cores, most of it the start of the processes (importing torch). The launch scripts'
+argument checks (``--dry-run``, no training) are in tests/integration/test_launch_scripts.py.
 """
 
 from __future__ import annotations
@@ -396,88 +396,3 @@ def test_sigterm_to_torchrun_saves_that_step_and_resume_auto_finishes(work, squa
     steps = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
     assert steps == list(range(1, total + 1)), f"each step logged once, in order: {steps}"
     assert (run_dir / "checkpoints" / "best.pt").is_file()
-
-
-# ------------------------------------------------------------------------------------------------
-# launch/*.sh argument handling (no training: --dry-run prints the command and stops)
-
-
-def sh(*args: str, script: Path = TRAIN_SH) -> tuple[int, str]:
-    p = subprocess.run(
-        [str(script), *args], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60
-    )
-    return p.returncode, p.stdout + p.stderr
-
-
-def test_train_sh_builds_the_torchrun_command(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("{}\n")
-    rc, out = sh("--dry-run", "-n", "3", str(cfg), "train.epochs=1")
-    assert rc == 0, out
-    assert (
-        f"--standalone --nnodes=1 --nproc_per_node=3 -m invasive_dist train --config {cfg} train.epochs=1"
-        in out
-    )
-    rc, out = sh(
-        "--dry-run", "--gpus", "8", "--nnodes", "2", "--node-rank", "1", "--master", "n1:29500", str(cfg)
-    )
-    assert rc == 0, out
-    assert (
-        "--nnodes=2 --node_rank=1 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=n1:29500 "
-        "--rdzv_id=invasive-dist --rdzv_conf=is_host=false -m invasive_dist train"
-    ) in out
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        ([], "missing CONFIG"),
-        (["-n", "x", "CFG"], "-n: 'x' is not a positive integer"),
-        (["--gpus", "0", "CFG"], "--gpus: '0' is not a positive integer"),
-        (["--bogus", "CFG"], "unknown option '--bogus'"),
-        (["no/such.yaml"], "CONFIG 'no/such.yaml' is not a file"),
-        (["CFG", "epochs3"], "override 'epochs3' is not of the form key.path=value"),
-        (["--nnodes", "2", "CFG"], "--nnodes 2 needs --master ADDR:PORT"),
-        (["--nnodes", "2", "--master", "h:1", "CFG"], "--nnodes 2 needs --node-rank R"),
-        (
-            ["--nnodes", "2", "--node-rank", "2", "--master", "h:1", "CFG"],
-            "--node-rank 2 must be below --nnodes 2",
-        ),
-        (["--nnodes", "2", "--node-rank", "0", "--master", "h", "CFG"], "--master: 'h' is not ADDR:PORT"),
-        (["--master", "h:1", "CFG"], "--master/--node-rank need --nnodes > 1"),
-        (["-n"], "-n needs a value"),
-    ],
-)
-def test_train_sh_names_the_wrong_argument(tmp_path, args, message):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("{}\n")
-    rc, out = sh(*[str(cfg) if a == "CFG" else a for a in args])
-    assert rc == 2 and message in out, out
-
-
-def test_predict_sh_checks_its_arguments(tmp_path):
-    rc, out = sh("--data", str(tmp_path), script=ROOT / "launch" / "predict.sh")
-    assert rc == 2 and "missing --run-dir RUN_DIR" in out, out
-    rc, out = sh(
-        "--run", str(tmp_path / "nope"), "--data", str(tmp_path), script=ROOT / "launch" / "predict.sh"
-    )
-    assert rc == 2 and "--run-dir '" in out and "is not a directory" in out, out
-
-
-@pytest.mark.slow  # asks `python -m invasive_dist predict --help` (which imports torch) what it accepts
-def test_predict_sh_builds_the_command(tmp_path):
-    rc, out = sh(
-        "--dry-run",
-        "--run",
-        str(tmp_path),
-        "--data",
-        str(tmp_path),
-        "predict.tta=flips",
-        script=ROOT / "launch" / "predict.sh",
-    )
-    assert rc == 0 and f"--data {tmp_path}" in out and out.rstrip().endswith("predict.tta=flips"), out
-    # torchrun with --run-dir (torchrun rejects --run); one process without torchrun if the CLI
-    # has no --run-dir yet.
-    assert f"-m invasive_dist predict --run-dir {tmp_path}" in out or re.search(
-        rf"python\S* -m invasive_dist predict --run {tmp_path}", out
-    ), out

@@ -1,12 +1,20 @@
-"""launch/train.sh and launch/predict.sh where the environment is not the project's."""
+"""launch/train.sh and launch/predict.sh: the commands they build (``--dry-run`` prints the command and
+stops, nothing is trained), the argument they name when one is wrong, and what they say where the
+environment is not the project's."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from ..procs import clean_env
+
 ROOT = Path(__file__).resolve().parents[2]
+TRAIN_SH = ROOT / "launch" / "train.sh"
 
 
 def run(script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -56,3 +64,88 @@ def test_torchrun_of_another_environment_is_blamed_on_the_environment(tmp_path):
     assert p.returncode == 2 and "should-not-run" not in p.stdout, p.stdout + p.stderr
     assert f"{bin_dir}/python (the Python of {bin_dir}/torchrun) cannot import invasive_dist" in p.stderr
     assert "No module named 'torch'" in p.stderr and "Wrong Python environment" in p.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# launch/*.sh argument handling (no training: --dry-run prints the command and stops)
+
+
+def sh(*args: str, script: Path = TRAIN_SH) -> tuple[int, str]:
+    p = subprocess.run(
+        [str(script), *args], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_train_sh_builds_the_torchrun_command(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    rc, out = sh("--dry-run", "-n", "3", str(cfg), "train.epochs=1")
+    assert rc == 0, out
+    assert (
+        f"--standalone --nnodes=1 --nproc_per_node=3 -m invasive_dist train --config {cfg} train.epochs=1"
+        in out
+    )
+    rc, out = sh(
+        "--dry-run", "--gpus", "8", "--nnodes", "2", "--node-rank", "1", "--master", "n1:29500", str(cfg)
+    )
+    assert rc == 0, out
+    assert (
+        "--nnodes=2 --node_rank=1 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=n1:29500 "
+        "--rdzv_id=invasive-dist --rdzv_conf=is_host=false -m invasive_dist train"
+    ) in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "missing CONFIG"),
+        (["-n", "x", "CFG"], "-n: 'x' is not a positive integer"),
+        (["--gpus", "0", "CFG"], "--gpus: '0' is not a positive integer"),
+        (["--bogus", "CFG"], "unknown option '--bogus'"),
+        (["no/such.yaml"], "CONFIG 'no/such.yaml' is not a file"),
+        (["CFG", "epochs3"], "override 'epochs3' is not of the form key.path=value"),
+        (["--nnodes", "2", "CFG"], "--nnodes 2 needs --master ADDR:PORT"),
+        (["--nnodes", "2", "--master", "h:1", "CFG"], "--nnodes 2 needs --node-rank R"),
+        (
+            ["--nnodes", "2", "--node-rank", "2", "--master", "h:1", "CFG"],
+            "--node-rank 2 must be below --nnodes 2",
+        ),
+        (["--nnodes", "2", "--node-rank", "0", "--master", "h", "CFG"], "--master: 'h' is not ADDR:PORT"),
+        (["--master", "h:1", "CFG"], "--master/--node-rank need --nnodes > 1"),
+        (["-n"], "-n needs a value"),
+    ],
+)
+def test_train_sh_names_the_wrong_argument(tmp_path, args, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    rc, out = sh(*[str(cfg) if a == "CFG" else a for a in args])
+    assert rc == 2 and message in out, out
+
+
+def test_predict_sh_checks_its_arguments(tmp_path):
+    rc, out = sh("--data", str(tmp_path), script=ROOT / "launch" / "predict.sh")
+    assert rc == 2 and "missing --run-dir RUN_DIR" in out, out
+    rc, out = sh(
+        "--run", str(tmp_path / "nope"), "--data", str(tmp_path), script=ROOT / "launch" / "predict.sh"
+    )
+    assert rc == 2 and "--run-dir '" in out and "is not a directory" in out, out
+
+
+@pytest.mark.slow  # asks `python -m invasive_dist predict --help` (which imports torch) what it accepts
+def test_predict_sh_builds_the_command(tmp_path):
+    rc, out = sh(
+        "--dry-run",
+        "--run",
+        str(tmp_path),
+        "--data",
+        str(tmp_path),
+        "predict.tta=flips",
+        script=ROOT / "launch" / "predict.sh",
+    )
+    assert rc == 0 and f"--data {tmp_path}" in out and out.rstrip().endswith("predict.tta=flips"), out
+    # torchrun with --run-dir (torchrun rejects --run); one process without torchrun if the CLI
+    # has no --run-dir yet.
+    assert f"-m invasive_dist predict --run-dir {tmp_path}" in out or re.search(
+        rf"python\S* -m invasive_dist predict --run {tmp_path}", out
+    ), out

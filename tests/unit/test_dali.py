@@ -1,6 +1,6 @@
 """The DALI backend streams a whole run from one pipeline per loader, in the torch backend's order.
 
-CPU-only DALI (``device_id=None``); the ``gpu`` test at the end runs the ``mixed`` pipeline on CUDA.
+CPU-only DALI (``device_id=None``); tests/gpu/test_gpu_dali.py runs the ``mixed`` pipeline on CUDA.
 Measured here (DALI 2.4.0 CPU, torchvision 0.29.1): each DALI training image against torchvision
 applied to the same drawn box, flips and turns (rot90 on), per-image mean |diff| in normalized
 units: mean 0.0044, max 0.0063 (tiny synthetic set, 32 px); 0.0021 and 0.0024 (real 1154x866 files,
@@ -241,33 +241,3 @@ def test_settings_follow_the_machine(index, monkeypatch):
     assert (ld.settings.width_hint, ld.settings.height_hint) == (96, 72)  # the tiny set's size
     with pytest.raises(UserError, match="data.dali.prefetch"):
         config_from_dict({"data": {"dali": {"prefetch": -1}}})
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_mixed_pipeline_streams_on_cuda(index):
-    """nvJPEG (hardware decoder share, hybrid Huffman threshold and preallocation hints set) decodes
-    into DALI's device buffers that torch uses in place; one build, resume without replay."""
-    dev = torch.device("cuda", torch.cuda.current_device())
-    d = cfg(rot90=True, dali=DaliConfig(threads=1, hw_decoder_load=0.9, hybrid_huffman_threshold=0))
-    full = make_loader("dali", index, d, Shard(0, 1), dev, True, 0, channels_last=True, epochs=2)
-    run = [list(full.iter_epoch(e)) for e in range(2)]
-    val = make_loader("dali", index, d, Shard(0, 1), dev, False, 0)
-    for _ in range(2):
-        evaluated = list(val.iter_epoch(0))
-    assert (full.builds, val.builds) == (1, 1) and val.decoded == 2 * val.steps_per_epoch
-    for b in run[1] + evaluated:
-        assert b.images.device == dev and b.index.device == dev and b.labels.device == dev
-        assert torch.isfinite(b.images).all()
-    assert run[1][0].images.is_contiguous(memory_format=torch.channels_last)
-    resumed = make_loader("dali", index, d, Shard(0, 1), dev, True, 0, channels_last=True, epochs=2)
-    tail = list(resumed.iter_epoch(1, start_step=3))
-    assert resumed.decoded == resumed.steps_per_epoch - 3
-    for a, b in zip(run[1][3:], tail):
-        assert torch.equal(a.index, b.index)
-        torch.testing.assert_close(a.images, b.images)
-    cpu = make_loader("dali", index, d, Shard(0, 1), CPU, True, 0, channels_last=True)
-    for a, b in zip(cpu.iter_epoch(1), run[1]):  # the same drawn boxes, flips and turns
-        per_image = (a.images - b.images.cpu()).abs().mean((1, 2, 3))
-        print(f"mixed vs cpu DALI train, per-image mean |diff|: max {per_image.max():.4f}")
-        assert per_image.max() < 0.1  # nvJPEG and the GPU resize round differently from the CPU

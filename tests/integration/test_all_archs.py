@@ -42,7 +42,7 @@ from invasive_dist.config import ModelConfig, config_from_dict
 from invasive_dist.errors import UserError
 from invasive_dist.models import binary_loss, build_model
 
-pytestmark = pytest.mark.slow  # ~3 minutes for all of them on 2 cores
+pytestmark = pytest.mark.slow  # ~3 minutes for all of them on 2 cores (hence in integration/, not unit/)
 
 ARCHS = torchvision.models.list_models(module=torchvision.models)
 CONFIG_MIN_SIDE = 16  # config.validate: data.image_size >= 16
