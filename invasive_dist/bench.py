@@ -340,7 +340,7 @@ def _settings_line(result: dict) -> str:
 
 
 _HEADER = (
-    f"{'run':<18} {'backend':<32} {'input':>8} {'model':>8} {'e2e':>8} {'e2e/min':>7} {'spread':>6} "
+    f"{'run':<18} {'backend':<32} {'input':>10} {'model':>8} {'e2e':>8} {'e2e/min':>7} {'spread':>6} "
     f"{'peak GiB':>8}  bound"
 )
 
@@ -349,7 +349,7 @@ def _row_line(label: str, r: dict) -> str:
     lead = f"{label:<18} {r['backend']:<32}"
     if r.get("error"):
         what = r["error"] if r.get("skipped") else f"FAILED: {r['error']}"
-        return f"{lead} {'-':>8}  {what[:160]}"
+        return f"{lead} {'-':>10}  {what[:160]}"
     spread = max(r["input"]["spread"], r["e2e"]["spread"])
     note = "input pipeline" if r["bound"] == "input" else "model (training step)"
     if r["e2e_over_min"] < 0.8:
@@ -357,7 +357,7 @@ def _row_line(label: str, r: dict) -> str:
     if "cache_build_s" in r:
         note += f"; cache {r['cache_bytes'] / 2**30:.2f} GiB built in {r['cache_build_s']:.1f} s"
     return (
-        f"{lead} {_fmt(r['input_img_per_s']):>8} {_fmt(r['model_img_per_s']):>8} "
+        f"{lead} {_fmt(r['input_img_per_s']):>10} {_fmt(r['model_img_per_s']):>8} "
         f"{_fmt(r['e2e_img_per_s']):>8} {r['e2e_over_min']:>7.2f} {spread:>6.1%} "
         f"{_gib(r.get('peak_mem_bytes')):>8}  {note}"
     )
@@ -381,16 +381,16 @@ def format_table(results: Sequence[dict]) -> str:
     for r in results:
         if "missing" in r:
             lines.append(
-                f"{Path(r['missing']).name:<18} {'-':<32} {'-':>8}  no bench.json: not run, or stopped before it began"
+                f"{Path(r['missing']).name:<18} {'-':<32} {'-':>10}  no bench.json: not run, or stopped before it began"
             )
             continue
         label = run_label(r)
         model = r.get("model")
         if model is None:
-            lines.append(f"{label:<18} {'(model alone)':<32} {'-':>8}  not measured: the run stopped before")
+            lines.append(f"{label:<18} {'(model alone)':<32} {'-':>10}  not measured: the run stopped before")
         else:
             lines.append(
-                f"{label:<18} {'(model alone)':<32} {'':>8} {_fmt(model['img_per_s']):>8} {'':>8} {'':>7} "
+                f"{label:<18} {'(model alone)':<32} {'':>10} {_fmt(model['img_per_s']):>8} {'':>8} {'':>7} "
                 f"{model['spread']:>6.1%} {_gib(model.get('peak_mem_bytes')):>8}  train_step on device batches"
             )
         done = {row["backend"]: row for row in r["rows"]}
@@ -398,7 +398,9 @@ def format_table(results: Sequence[dict]) -> str:
             if spec in done:
                 lines.append(_row_line(label, done[spec]))
             else:
-                lines.append(f"{label:<18} {spec:<32} {'-':>8}  not reached: the run stopped before this row")
+                lines.append(
+                    f"{label:<18} {spec:<32} {'-':>10}  not reached: the run stopped before this row"
+                )
     lines.append(
         "img/s on one device; e2e/min = e2e / min(input, model); spread = (max - min) / median of the "
         "windows (the larger of input's and e2e's); peak = torch's device allocator (not DALI's buffers)"

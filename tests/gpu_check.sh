@@ -37,6 +37,10 @@ if [[ $DRY == 1 ]]; then
     : "${GPU_CHECK_IMAGES:=40}" "${GPU_CHECK_SIZE:=96x72}" "${GPU_CHECK_GROUPS:=resnet18:eager}"
     : "${GPU_CHECK_WINDOW_S:=0.2}" "${GPU_CHECK_DATA:=${TMPDIR:-/tmp}/invasive-dist-gpu-check-dry}"
     : "${GPU_CHECK_OVERRIDES:=data.image_size=64 data.batch_size=8 data.torch.num_workers=2 train.mixed_precision=no}"
+    # One OpenMP thread: on a loaded 2-core machine two spin-waiting threads made the ResNet-18 step
+    # 40x slower (2.3 vs 97.5 img/s at 64 px, batch 8) and its figures swing by 20x between windows.
+    : "${OMP_NUM_THREADS:=1}"
+    export OMP_NUM_THREADS
 fi
 DATA=${GPU_CHECK_DATA:-$ROOT/data/bench}
 IMAGES=${GPU_CHECK_IMAGES:-2295}
