@@ -4,6 +4,8 @@
     python -m invasive_dist bench --config configs/bench_r50.yaml --backend gpu_cache    # the same
     invasive-dist bench --config configs/bench_r50.yaml --backend dali \\
         --backend dali:hw_decoder_load=0.65 train.compile=true --out runs/bench-compiled
+    invasive-dist bench --config configs/bench_r50.yaml --backend dali --windows 3 --window-s 1.5 --steps 2
+    invasive-dist bench --summary runs/bench-eager runs/bench-compiled   # one table of several runs
 
 In one process, on one device, with the config's model, resolution, batch, precision, memory format,
 ``train.compile`` and data, it measures three rates in images per second on this device:
@@ -13,8 +15,12 @@ In one process, on one device, with the config's model, resolution, batch, preci
     e2e     ``Trainer.train_step`` fed by the loader, as in training
 
 Each is measured after ``--warmup`` steps (compilation, worker start-up, cuDNN/autotuning happen
-there) over ``--steps`` steps, between two device syncs and with none in between, like the training
-loop. The loop can beat neither ceiling, so ``e2e <= min(input, model)`` up to noise, and the smaller
+there) in ``--windows`` windows (default 1) of at least ``--steps`` steps and ``--window-s``
+seconds, each between two device syncs and with none in between, like the training loop; the
+figure is the windows' median and ``spread`` = (max - min) / median says how steady they were. Per
+row, ``peak_mem_bytes`` is the peak of torch's device allocator (reset before the row; DALI's own
+buffers are not in it; None on CPU); gpu_cache's row also holds its cache's build time and bytes.
+The loop can beat neither ceiling, so ``e2e <= min(input, model)`` up to noise, and the smaller
 ceiling is what bounds it. ``e2e / min`` says how well the two overlap: near 1 they run concurrently
 (input on CPU workers or the GPU's JPEG engines while the SMs train); near ``serial / min`` (see
 ``serial_img_per_s`` = 1 / (1/input + 1/model)) they take turns, e.g. when decoding and training
@@ -23,12 +29,25 @@ share the same CPU cores, as on a CPU-only machine.
 ``--backend`` may be given several times (one row each; ``model`` is measured once). A backend may
 carry settings of its own section: ``dali:hw_decoder_load=1.0,threads=8`` sets ``data.dali.*``
 (``torch:num_workers=8``: ``data.torch.*``); a key starting with ``data.`` is a full path. A backend
-that fails gets a row with its error and the others still run; the exit status is then 1.
+that fails gets a row with its error and the others still run; the exit status is then 1. With
+``--time-limit-s``, a row that the time left is not expected to cover is not started and says so.
+
 Results, settings and a hardware description go to ``bench.json`` in ``--out`` (default: the run
-directory, ``output.root/output.name``), rewritten after every row.
+directory, ``output.root/output.name``), rewritten after every row, so a run cut short keeps what it
+measured. Its layout (docs/observability.md has the same): ``date``, ``command``, ``settings`` (the
+run's config figures, ``steps``/``warmup``/``windows``/``window_s``/``time_limit_s`` and the planned
+``backends``), ``hardware``, ``model`` (a figure), ``model_img_per_s``, ``rows`` (per backend: ``backend``,
+``resolved``, ``input`` and ``e2e`` (figures), ``input_img_per_s``, ``e2e_img_per_s``,
+``model_img_per_s``, ``bound``, ``e2e_over_min``, ``serial_img_per_s``, ``peak_mem_bytes``,
+``setup_s``, ``seconds``, gpu_cache's ``cache_*``, and ``error``: None, the failure, or with
+``skipped`` why it was not run), ``failed`` and ``finished`` (false until the end). A figure:
+``img_per_s`` (the median), ``spread``, the windows' summed ``seconds``/``steps``/``images``/
+``cpu_seconds``, and ``windows`` (each window's own). The table printed at the end is
+:func:`format_table`; ``--summary`` prints it for several runs' files, listing the rows a cut-short
+run did not reach and the folders that hold no bench.json.
 
 What this code has measured, on which device and with which command, is in docs/performance.md
-(tests/gpu_check.sh produces the GPU rows).
+(tests/gpu_check.sh produces the GPU rows: one bench run per model and compile mode, then --summary).
 """
 
 from __future__ import annotations
@@ -36,8 +55,10 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
+import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -63,27 +84,67 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(step: Callable[[], int], warmup: int, steps: int, device: torch.device) -> dict:
-    """Run ``step`` (returns the images it processed) ``warmup`` times, then ``steps`` times between
-    two device syncs; the window holds no other sync, so queued device work is counted once."""
+def _reset_peak(device: torch.device) -> None:
+    """Free what the previous measurement left (its loader, workers, device buffers) and restart
+    the device allocator's peak, so that each row's ``peak_mem_bytes`` is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    """The peak of torch's device allocator since :func:`_reset_peak` (DALI's own buffers are not in
+    it); None on CPU, where there is no such allocator to read."""
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def timed(
+    step: Callable[[], int],
+    warmup: int,
+    steps: int,
+    device: torch.device,
+    windows: int = 1,
+    window_s: float = 0.0,
+) -> dict:
+    """Run ``step`` (returns the images it processed) ``warmup`` times, then ``windows`` windows of
+    at least ``steps`` steps and ``window_s`` seconds, each between two device syncs with no other
+    sync inside, so queued device work is counted once. ``img_per_s`` is the median window's rate,
+    ``spread`` = (max - min) / median of the windows' rates; ``seconds``, ``steps``, ``images`` and
+    ``cpu_seconds`` are the windows' sums, and ``windows`` holds each window."""
     for _ in range(warmup):
         step()
     _sync(device)
-    t0, c0 = time.perf_counter(), time.process_time()
-    images = 0
-    for _ in range(steps):
-        images += step()
-    _sync(device)
-    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    per_window = []
+    for _ in range(windows):
+        t0, c0 = time.perf_counter(), time.process_time()
+        images = k = 0
+        # The clock is read without a sync: on a GPU the host runs ahead by the queued steps, and
+        # the closing sync waits for them, so a window lasts at least window_s.
+        while k < steps or time.perf_counter() - t0 < window_s:
+            images += step()
+            k += 1
+        _sync(device)
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        per_window.append(
+            {
+                "img_per_s": images / max(seconds, 1e-9),
+                "seconds": seconds,
+                "steps": k,
+                "images": images,
+                # CPU time of this process (all its threads; not DataLoader worker processes). Over
+                # seconds, it is the number of cores the process kept busy: about 1.0 on a GPU in a
+                # model-bound window means the Python thread launching kernels is the limit.
+                "cpu_seconds": cpu_seconds,
+            }
+        )
+    rates = [w["img_per_s"] for w in per_window]
+    median = statistics.median(rates)
     return {
-        "img_per_s": images / max(seconds, 1e-9),
-        "seconds": seconds,
-        "steps": steps,
-        "images": images,
-        # CPU time of this process (all its threads; not DataLoader worker processes). Over
-        # seconds, it is the number of cores the process kept busy: about 1.0 on a GPU in a
-        # model-bound window means the Python thread launching kernels is the limit.
-        "cpu_seconds": cpu_seconds,
+        "img_per_s": median,
+        "spread": (max(rates) - min(rates)) / max(median, 1e-9),
+        **{key: sum(w[key] for w in per_window) for key in ("seconds", "steps", "images", "cpu_seconds")},
+        "windows": per_window,
     }
 
 
@@ -226,31 +287,150 @@ def verdict(input_rate: float, model_rate: float, e2e: float) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------------------------
+# The table: one run's rows at its end, or several runs' bench.json files (--summary).
+
+
 def _fmt(x: float | None) -> str:
     if x is None:
         return "-"
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
 
-def format_table(result: dict) -> str:
-    lines = [
-        f"{'backend':<34} {'input':>9} {'model':>9} {'e2e':>9} {'e2e/min':>8}  bound (img/s on this device)"
-    ]
-    for r in result["rows"]:
-        if r.get("error"):
-            lines.append(f"{r['backend']:<34} {'FAILED':>9}  {r['error'][:200]}")
-            continue
-        note = "input pipeline" if r["bound"] == "input" else "model (training step)"
-        if r["e2e_over_min"] < 0.8:
-            note += f"; poor overlap (serial would be {_fmt(r['serial_img_per_s'])})"
-        lines.append(
-            f"{r['backend']:<34} {_fmt(r['input_img_per_s']):>9} {_fmt(r['model_img_per_s']):>9} "
-            f"{_fmt(r['e2e_img_per_s']):>9} {r['e2e_over_min']:>8.2f}  {note}"
+def _gib(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**30:.1f}"
+
+
+def run_label(result: dict) -> str:
+    """``resnet50 eager`` / ``resnet50 compiled``: what tells the runs of a summary apart."""
+    s = result["settings"]
+    return f"{s['arch']} {'compiled' if s['compile'] else 'eager'}"
+
+
+def _hardware_line(result: dict) -> str:
+    hw = result["hardware"]
+    if hw.get("gpu"):
+        where = (
+            f"{hw['gpu']} ({hw['gpu_memory_bytes'] / 2**30:.0f} GiB, driver {hw.get('gpu_driver') or '?'})"
         )
+    else:
+        where = f"NO GPU, CPU {hw['cpu']} ({hw['cpu_cores_usable']} cores)"
+    return (
+        f"on {where}; torch {hw['torch']} (CUDA {hw['cuda']}, cuDNN {hw['cudnn']}), "
+        f"torchvision {hw['torchvision']}, DALI {hw['dali'] or '-'}"
+    )
+
+
+def _settings_line(result: dict) -> str:
+    s = result["settings"]
+    windows = s.get("windows", 1)
+    how = f"median of {windows} windows" if windows > 1 else "1 window"
+    if s.get("window_s"):
+        how += f" of >= {s['window_s']:g} s and >= {s['steps']} steps"
+    else:
+        how += f" of {s['steps']} steps"
+    line = (
+        f"{run_label(result)}: {size_label(s['image_size'])} batch {s['batch_size']}x{s['grad_accum']} "
+        f"{s['mixed_precision']} channels_last {s['channels_last']}, {s['train_images']:,} training images; "
+        f"{how} after {s['warmup']} warm-up steps"
+    )
+    if not result.get("finished"):
+        line += "; STOPPED before its end (rows it did not reach say so)"
+    return line
+
+
+_HEADER = (
+    f"{'run':<18} {'backend':<32} {'input':>10} {'model':>8} {'e2e':>8} {'e2e/min':>7} {'spread':>6} "
+    f"{'peak GiB':>8}  bound"
+)
+
+
+def _row_line(label: str, r: dict) -> str:
+    lead = f"{label:<18} {r['backend']:<32}"
+    if r.get("error"):
+        what = r["error"] if r.get("skipped") else f"FAILED: {r['error']}"
+        return f"{lead} {'-':>10}  {what[:160]}"
+    spread = max(r["input"]["spread"], r["e2e"]["spread"])
+    note = "input pipeline" if r["bound"] == "input" else "model (training step)"
+    if r["e2e_over_min"] < 0.8:
+        note += f"; poor overlap (serial would be {_fmt(r['serial_img_per_s'])})"
+    if "cache_build_s" in r:
+        note += f"; cache {r['cache_bytes'] / 2**30:.2f} GiB built in {r['cache_build_s']:.1f} s"
+    return (
+        f"{lead} {_fmt(r['input_img_per_s']):>10} {_fmt(r['model_img_per_s']):>8} "
+        f"{_fmt(r['e2e_img_per_s']):>8} {r['e2e_over_min']:>7.2f} {spread:>6.1%} "
+        f"{_gib(r.get('peak_mem_bytes')):>8}  {note}"
+    )
+
+
+def format_table(results: Sequence[dict]) -> str:
+    """One screen for one or several bench runs (bench.json contents, complete or cut short; a
+    ``{"missing": PATH}`` entry for a run that left none): the date and hardware, each run's
+    settings, then per run its model row and one row per planned backend, with the ratio
+    e2e / min(input, model), the windows' spread and the device memory peak."""
+    lines = []
+    hardware_lines = []
+    for r in results:
+        if "missing" not in r:
+            line = f"{r.get('date', '?')} {_hardware_line(r)}"
+            if line not in hardware_lines:
+                hardware_lines.append(line)
+    lines += hardware_lines
+    lines += [_settings_line(r) for r in results if "missing" not in r]
+    lines += ["", _HEADER]
+    for r in results:
+        if "missing" in r:
+            lines.append(
+                f"{Path(r['missing']).name:<18} {'-':<32} {'-':>10}  no bench.json: not run, or stopped before it began"
+            )
+            continue
+        label = run_label(r)
+        model = r.get("model")
+        if model is None:
+            lines.append(f"{label:<18} {'(model alone)':<32} {'-':>10}  not measured: the run stopped before")
+        else:
+            lines.append(
+                f"{label:<18} {'(model alone)':<32} {'':>10} {_fmt(model['img_per_s']):>8} {'':>8} {'':>7} "
+                f"{model['spread']:>6.1%} {_gib(model.get('peak_mem_bytes')):>8}  train_step on device batches"
+            )
+        done = {row["backend"]: row for row in r["rows"]}
+        for spec in r["settings"].get("backends", list(done)):
+            if spec in done:
+                lines.append(_row_line(label, done[spec]))
+            else:
+                lines.append(
+                    f"{label:<18} {spec:<32} {'-':>10}  not reached: the run stopped before this row"
+                )
+    lines.append(
+        "img/s on one device; e2e/min = e2e / min(input, model); spread = (max - min) / median of the "
+        "windows (the larger of input's and e2e's); peak = torch's device allocator (not DALI's buffers)"
+    )
     return "\n".join(lines)
 
 
-def measure_model(trainer, warmup: int, steps: int) -> dict:
+def read_results(paths: Sequence[str | Path]) -> list[dict]:
+    """bench.json of each path (a file, or a folder holding one); ``{"missing": path}`` for a
+    folder without one (a run that never started), so that the table still lists it."""
+    results = []
+    for p in map(Path, paths):
+        f = p if p.suffix == ".json" else p / "bench.json"
+        if not f.is_file():
+            results.append({"missing": str(p)})
+            continue
+        try:
+            results.append(json.loads(f.read_text()))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{f}: not a bench.json ({e})") from None
+    if all("missing" in r for r in results):
+        raise UserError(f"--summary: no bench.json in {', '.join(map(str, paths))}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# The measurements.
+
+
+def measure_model(trainer, warmup: int, steps: int, windows: int = 1, window_s: float = 0.0) -> dict:
     """(b) ``trainer.train_step`` fed from a few batches made on the device once."""
     plan = trainer.plan
     pool = batch_pool(
@@ -267,10 +447,12 @@ def measure_model(trainer, warmup: int, steps: int) -> dict:
         trainer.train_step(lambda: next(batches))
         return per_step
 
-    return timed(step, warmup, steps, trainer.device)
+    return timed(step, warmup, steps, trainer.device, windows, window_s)
 
 
-def measure_backend(trainer, cfg: Config, warmup: int, steps: int) -> dict:
+def measure_backend(
+    trainer, cfg: Config, warmup: int, steps: int, windows: int = 1, window_s: float = 0.0
+) -> dict:
     """(a) the loader of ``cfg.data.backend`` alone and (c) ``trainer.train_step`` fed by it."""
     device = trainer.device
     t0 = time.perf_counter()
@@ -285,7 +467,7 @@ def measure_backend(trainer, cfg: Config, warmup: int, steps: int) -> dict:
 
     it = endless(loader)
     try:
-        inp = timed(lambda: next(it).images.shape[0], warmup, steps, device)
+        inp = timed(lambda: next(it).images.shape[0], warmup, steps, device, windows, window_s)
     finally:
         it.close()  # stops DataLoader workers / DALI pipelines before the next measurement
 
@@ -297,7 +479,7 @@ def measure_backend(trainer, cfg: Config, warmup: int, steps: int) -> dict:
         return per_step
 
     try:
-        e2e = timed(step, warmup, steps, device)
+        e2e = timed(step, warmup, steps, device, windows, window_s)
     finally:
         it2.close()
     return {
@@ -310,6 +492,11 @@ def measure_backend(trainer, cfg: Config, warmup: int, steps: int) -> dict:
     }
 
 
+# A row is not started when less time is left than this or than the longest row so far took: the
+# timeout that follows would kill it anyway, and the time saved goes to the next run of the GPU check.
+MIN_ROW_S = 10.0
+
+
 def run_bench(
     cfg: Config,
     backends: list[str] | None = None,
@@ -318,10 +505,17 @@ def run_bench(
     out_dir: Path | None = None,
     accelerator=None,
     log: Callable[[str], None] = print,
+    windows: int = 1,
+    window_s: float = 0.0,
+    time_limit_s: float | None = None,
 ) -> dict:
     """Measure model once and (input, e2e) per backend; write and return the bench.json content."""
-    if steps < 1 or warmup < 0:
-        raise UserError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
+    start = time.monotonic()
+    if steps < 1 or warmup < 0 or windows < 1 or window_s < 0:
+        raise UserError(
+            f"--steps={steps} and --windows={windows} must be >= 1, --warmup={warmup} and "
+            f"--window-s={window_s} >= 0"
+        )
     world = world_info_from_env()
     if world.world_size > 1:
         raise UserError("bench measures one device in one process: run it with python, not torchrun")
@@ -354,38 +548,71 @@ def run_bench(
         "data_gpu_cache": dataclasses.asdict(d.gpu_cache),
         "steps": steps,
         "warmup": warmup,
+        "windows": windows,
+        "window_s": window_s,
+        "time_limit_s": time_limit_s,
+        "backends": specs,
         "world_size": 1,
     }
-    result = {"settings": settings, "hardware": hw, "model_img_per_s": None, "rows": []}
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": sys.argv,
+        "settings": settings,
+        "hardware": hw,
+        "model_img_per_s": None,
+        "rows": [],
+        "finished": False,
+    }
+    how = f"{windows} windows of >= {window_s:g} s and " if window_s or windows > 1 else ""
     log(
         f"bench: {cfg.model.arch} {size_label(d.image_size)} batch {trainer.plan.per_device}x{trainer.plan.accum} "
         f"precision {t.mixed_precision} channels_last {trainer.channels_last} compile {t.compile} "
-        f"on {describe_device(hw)}; {warmup} warm-up + {steps} measured steps each"
+        f"on {describe_device(hw)}; {warmup} warm-up + {how}{steps} measured steps each"
     )
 
     write_json(out_path, result)  # settings and hardware even if the first measurement never ends
 
     # (b) model: train_step on batches already on the device.
-    model = measure_model(trainer, warmup, steps)
+    _reset_peak(device)
+    model = measure_model(trainer, warmup, steps, windows, window_s)
+    model["peak_mem_bytes"] = _peak(device)
     result["model_img_per_s"] = model["img_per_s"]
     result["model"] = model
-    log(f"  model (train_step on device-resident batches): {_fmt(model['img_per_s'])} img/s")
+    log(
+        f"  model (train_step on device-resident batches): {_fmt(model['img_per_s'])} img/s"
+        f" (spread {model['spread']:.1%}, peak {_gib(model['peak_mem_bytes'])} GiB)"
+    )
     write_json(out_path, result)
 
-    failed = 0
+    failed, longest = 0, 0.0
     for spec, (name, bcfg) in zip(specs, parsed):
         row: dict = {"backend": spec}
+        left = None if time_limit_s is None else time_limit_s - (time.monotonic() - start)
+        if left is not None and left < max(MIN_ROW_S, longest):
+            row.update(
+                error=f"not run: {max(left, 0):.0f} s of --time-limit-s {time_limit_s:g} left "
+                f"(the longest row took {longest:.0f} s)",
+                skipped=True,
+            )
+            log(f"  {spec}: {row['error']}")
+            result["rows"].append(row)
+            write_json(out_path, result)
+            continue
+        t0 = time.monotonic()
+        _reset_peak(device)
         try:
             row["resolved"] = resolve_backend(name)
-            row.update(measure_backend(trainer, bcfg, warmup, steps))
+            row.update(measure_backend(trainer, bcfg, warmup, steps, windows, window_s))
             row.update(
                 model_img_per_s=model["img_per_s"],
                 **verdict(row["input_img_per_s"], model["img_per_s"], row["e2e_img_per_s"]),
+                peak_mem_bytes=_peak(device),
                 error=None,
             )
             log(
                 f"  {spec}: input {_fmt(row['input_img_per_s'])} img/s, e2e {_fmt(row['e2e_img_per_s'])} "
-                f"img/s, e2e/min {row['e2e_over_min']:.2f}, bound: {row['bound']}"
+                f"img/s, e2e/min {row['e2e_over_min']:.2f}, bound: {row['bound']}, "
+                f"in {time.monotonic() - t0:.0f} s"
             )
         except Exception as e:  # one backend failing must not hide the others' figures
             failed += 1
@@ -395,19 +622,33 @@ def run_bench(
             if not isinstance(e, UserError):
                 traceback.print_exc(file=sys.stderr)
         finally:
-            gc.collect()  # the backend's loader, workers and device buffers go before the next one
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _reset_peak(device)  # the backend's loader, workers and device buffers go before the next one
+        row["seconds"] = time.monotonic() - t0
+        longest = max(longest, row["seconds"])
         result["rows"].append(row)
         write_json(out_path, result)
-    result["failed"] = failed
+    result.update(failed=failed, finished=True)
     write_json(out_path, result)
-    log(format_table(result))
+    log(format_table([result]))
     log(f"wrote {out_path}")
     return result
 
 
 def cmd_bench(args) -> int:
+    if args.summary:
+        if args.overrides or args.backend:
+            raise UserError("--summary reads bench.json files: it takes no --backend nor overrides")
+        print(format_table(read_results(args.summary)))
+        return 0
     cfg = load_config(args.config, args.overrides)
-    result = run_bench(cfg, args.backend, args.steps, args.warmup, Path(args.out) if args.out else None)
+    result = run_bench(
+        cfg,
+        args.backend,
+        args.steps,
+        args.warmup,
+        Path(args.out) if args.out else None,
+        windows=args.windows,
+        window_s=args.window_s,
+        time_limit_s=args.time_limit_s,
+    )
     return 1 if result["failed"] else 0

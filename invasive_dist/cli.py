@@ -358,9 +358,38 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"data backend ({', '.join(('auto', *BACKENDS))}), optionally with data.* settings, "
         "e.g. dali:hw_decoder_load=1.0; repeat to compare (default: data.backend)",
     )
-    s.add_argument("--steps", type=int, default=30, help="measured steps of each figure (default 30)")
-    s.add_argument("--warmup", type=int, default=5, help="unmeasured steps before each (default 5)")
+    s.add_argument(
+        "--steps", type=int, default=30, help="measured steps of each window, at least (default 30)"
+    )
+    s.add_argument("--warmup", type=int, default=5, help="unmeasured steps before each figure (default 5)")
+    s.add_argument(
+        "--windows",
+        type=int,
+        default=1,
+        help="timed windows per figure; the figure is their median, with their spread (default 1)",
+    )
+    s.add_argument(
+        "--window-s",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="each window lasts at least S seconds as well as --steps steps (default 0)",
+    )
+    s.add_argument(
+        "--time-limit-s",
+        type=float,
+        default=None,
+        metavar="S",
+        help="a backend row not expected to end within S seconds of the start is not run, and says so",
+    )
     s.add_argument("--out", default=None, help="folder for bench.json (default: the run directory)")
+    s.add_argument(
+        "--summary",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="measure nothing: print the table of these runs' bench.json files (folders or files)",
+    )
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.compile=true")
     s.set_defaults(fn=cmd_bench)
 

@@ -11,19 +11,22 @@
 #   1. dali    make nvidia.dali importable (skipped when it already is; without parts the dali rows say so)
 #   2. data    2,295 synthetic 1154x866 JPEGs (the real train set's count and size; bench trains on
 #              the 1,836 of the training folds) with the project's generator into data/bench, kept
-#   3. tests   python3 -m pytest -m gpu tests -q (the tests of tests/gpu; every CUDA test lives there)
-#   4. bench   tests/gpu/bench_rows.py, configs/bench_r50.yaml (224 px, bf16, channels_last, batch
-#              256): ResNet-50 eager, then compiled, then ResNet-18 eager and compiled; per group the
-#              model alone and synthetic, gpu_cache, dali, torch (input alone, end to end); each
-#              figure the median of 3 windows of >= 1.5 s, with their spread and peak memory.
-#              Each group is one process, compiled once; what the budget cuts is reported as such.
+#   3. tests   python3 -m pytest -m gpu tests -q (every CUDA test lives in tests/gpu)
+#   4. bench   python3 -m invasive_dist bench, configs/bench_r50.yaml (224 px, bf16, channels_last,
+#              batch 256), once per group: ResNet-50 eager, then compiled, then ResNet-18 eager and
+#              compiled, each its own process (compiled once; a CUDA failure cannot take the other
+#              groups with it) under a time limit from the budget left; per group the model alone and
+#              synthetic, gpu_cache, dali, torch (input alone, end to end); each figure the median of 3
+#              windows of >= 1.5 s, with their spread and peak memory. What the budget cuts says so.
+#   5. table   the steps' results, then `invasive-dist bench --summary` of every group's bench.json
 # Budget: GPU_CHECK_BUDGET_S=400 (expected on an H100/H200: data ~20 s, tests ~60 s, ResNet-50
 # eager ~60 s, compiled ~150 s, ResNet-18 ~100 s). Other knobs: GPU_CHECK_IMAGES, GPU_CHECK_SIZE,
-# GPU_CHECK_DATA, GPU_CHECK_GROUPS (e.g. resnet50:eager,resnet50:compiled), GPU_CHECK_WINDOW_S,
-# GPU_CHECK_OVERRIDES (appended to every group's config).
+# GPU_CHECK_DATA, GPU_CHECK_GROUPS (e.g. resnet50:eager,resnet50:compiled), GPU_CHECK_BACKENDS
+# (e.g. synthetic,gpu_cache), GPU_CHECK_WINDOW_S, GPU_CHECK_OVERRIDES (appended to every group's config).
 # Results: $OUT when set (the folder a GPU runner returns), else runs/gpu-check:
-#   gpu_check.log  everything printed   summary.txt  the table   bench.json  all figures, settings,
-#   hardware (rewritten after every row: a cut-short run keeps what it measured)   pytest.log
+#   gpu_check.log  everything printed   summary.txt  the steps and the table   pytest.log
+#   bench-ARCH-MODE/bench.json  each group's figures (every window), settings, hardware (rewritten
+#   after every row: a cut-short run keeps what it measured; layout in invasive_dist/bench.py)
 set -uo pipefail # no -e: a failing step is reported and the next one runs
 
 cd "$(dirname "$0")/.." || exit 1
@@ -34,18 +37,24 @@ if [[ $DRY == 1 ]]; then
     : "${GPU_CHECK_IMAGES:=40}" "${GPU_CHECK_SIZE:=96x72}" "${GPU_CHECK_GROUPS:=resnet18:eager}"
     : "${GPU_CHECK_WINDOW_S:=0.2}" "${GPU_CHECK_DATA:=${TMPDIR:-/tmp}/invasive-dist-gpu-check-dry}"
     : "${GPU_CHECK_OVERRIDES:=data.image_size=64 data.batch_size=8 data.torch.num_workers=2 train.mixed_precision=no}"
+    # One OpenMP thread: on a loaded 2-core machine two spin-waiting threads made the ResNet-18 step
+    # 40x slower (2.3 vs 97.5 img/s at 64 px, batch 8) and its figures swing by 20x between windows.
+    : "${OMP_NUM_THREADS:=1}"
+    export OMP_NUM_THREADS
 fi
 DATA=${GPU_CHECK_DATA:-$ROOT/data/bench}
 IMAGES=${GPU_CHECK_IMAGES:-2295}
 SIZE=${GPU_CHECK_SIZE:-1154x866}
 BUDGET=${GPU_CHECK_BUDGET_S:-400}
 GROUPS_=${GPU_CHECK_GROUPS:-resnet50:eager,resnet50:compiled,resnet18:eager,resnet18:compiled}
+BACKENDS_=${GPU_CHECK_BACKENDS:-synthetic,gpu_cache,dali,torch}
 WINDOW_S=${GPU_CHECK_WINDOW_S:-1.5}
 read -r -a OVERRIDES <<<"${GPU_CHECK_OVERRIDES:-}"
-RESERVE=10 # seconds kept for the table
+RESERVE=15     # seconds kept for the table (one python start that imports torch)
+MIN_GROUP_S=40 # a group given less is reported as not run rather than started
 
 mkdir -p "$RES"
-rm -f "$RES"/summary.txt "$RES"/bench.json "$RES"/group-*.json "$RES"/steps.tsv "$RES"/pytest.log
+rm -rf "$RES"/summary.txt "$RES"/steps.tsv "$RES"/pytest.log "$RES"/bench-*
 exec > >(tee -a "$RES/gpu_check.log") 2>&1
 
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -122,26 +131,51 @@ fi
 step tests 120 bash -c '"$0" -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tee "$1"; exit "${PIPESTATUS[0]}"' \
     "$PY" "$RES/pytest.log"
 
-# 4. bench rows, then the table (bench_rows.py prints it; it reads the steps from steps.json)
-$PY - "$RES" <<'PYEOF'
-import json, re, sys
-from pathlib import Path
-res = Path(sys.argv[1])
-steps = []
-for line in (res / "steps.tsv").read_text().splitlines() if (res / "steps.tsv").exists() else []:
-    name, status, secs = line.split("\t")
-    note = ""
-    if name == "tests" and (res / "pytest.log").exists():
-        tail = [l for l in (res / "pytest.log").read_text().splitlines() if re.search(r"\d+ (passed|failed|error|skipped)", l)]
-        note = tail[-1].strip("= ") if tail else ""
-    steps.append({"name": name, "status": status, "seconds": int(secs), "note": note})
-(res / "steps.json").write_text(json.dumps(steps))
-PYEOF
-left=$((BUDGET - SECONDS - RESERVE))
-left=$((left > 0 ? left : 0)) # bench_rows reports each group it has no time for, and prints the table
-echo "== bench ($left s of the budget left)"
-timeout -k 10 $((left + 30)) $PY tests/gpu/bench_rows.py --config configs/bench_r50.yaml --out "$RES" --budget-s "$left" \
-    --groups "$GROUPS_" --window-s "$WINDOW_S" --steps-json "$RES/steps.json" "data.root=$DATA" \
-    "output.root=${TMPDIR:-/tmp}/invasive-dist-gpu-check-runs" "${OVERRIDES[@]}"
-echo "== bench: exit $? after ${SECONDS}s in all"
-echo "results in $RES (gpu_check.log, summary.txt, bench.json, pytest.log)"
+# 4. bench: one process per (model, compile mode) group, in GROUPS_'s order (the ResNet-50 rows the
+# goals are held against first), each with a time limit of what is left of the budget. bench itself
+# does not start a row it does not expect to end within --time-limit-s (20 s under the kill: the
+# process's start, torch's import, and a DALI pipeline's teardown come on top of bench's own clock).
+BENCH_ARGS=(--config configs/bench_r50.yaml --warmup 3 --steps 2 --windows 3 --window-s "$WINDOW_S")
+for b in ${BACKENDS_//,/ }; do BENCH_ARGS+=(--backend "$b"); done
+BENCH_DIRS=()
+for group in ${GROUPS_//,/ }; do
+    arch=${group%%:*} mode=${group#*:}
+    dir=$RES/bench-$arch-$mode
+    BENCH_DIRS+=("$dir")
+    case $mode in
+    eager) compile=false ;;
+    compiled) compile=true ;;
+    *)
+        echo "== bench $group: GPU_CHECK_GROUPS takes ARCH:eager or ARCH:compiled"
+        printf 'bench %s\tnot run: mode %s is not eager or compiled\t0\n' "$group" "$mode" >>"$RES/steps.tsv"
+        continue
+        ;;
+    esac
+    left=$((BUDGET - SECONDS - RESERVE))
+    if ((left < MIN_GROUP_S)); then
+        echo "== bench $arch $mode: not run, ${left}s of the budget left"
+        printf 'bench %s %s\tnot run: %ss of the budget left\t0\n' "$arch" "$mode" "$left" >>"$RES/steps.tsv"
+        continue
+    fi
+    step "bench $arch $mode" "$left" $PY -m invasive_dist bench "${BENCH_ARGS[@]}" --out "$dir" \
+        --time-limit-s $((left - 20)) "data.root=$DATA" "output.root=${TMPDIR:-/tmp}/invasive-dist-gpu-check-runs" \
+        "model.arch=$arch" "train.compile=$compile" "${OVERRIDES[@]}"
+done
+
+# 5. the table: each step's result (pytest's last count line for the tests), then every group's rows
+# (a group that left no bench.json, or rows it did not reach, say so).
+{
+    echo "GPU check of $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%FT%TZ), ${SECONDS}s in all"
+    while IFS=$'\t' read -r name status secs; do
+        note=""
+        if [[ $name == tests && -f $RES/pytest.log ]]; then
+            note=$(grep -E '[0-9]+ (passed|failed|error|skipped)' "$RES/pytest.log" | tail -n 1 | sed -E 's/^=+ *| *=+$//g')
+        fi
+        echo "step $name: $status (${secs} s)${note:+: $note}"
+    done < <(cat "$RES/steps.tsv" 2>/dev/null)
+    echo
+    timeout -k 10 60 $PY -m invasive_dist bench --summary "${BENCH_DIRS[@]}" 2>&1
+} >"$RES/summary.txt"
+echo
+cat "$RES/summary.txt"
+echo "results in $RES (gpu_check.log, summary.txt, bench-*/bench.json, pytest.log)"

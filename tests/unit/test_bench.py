@@ -29,9 +29,15 @@ NOISE_WALL = 2.0
 
 
 def _bench(
-    tiny_data, tmp_path, *backends: str, steps: int = 8, warmup: int = 2, extra: list[str] = ()
+    tiny_data,
+    tmp_path,
+    *backends: str,
+    steps: int = 8,
+    warmup: int = 2,
+    extra: list[str] = (),
+    options: list[str] = (),
 ) -> tuple[int, dict]:
-    argv = ["--steps", str(steps), "--warmup", str(warmup), "--out", str(tmp_path)]
+    argv = ["--steps", str(steps), "--warmup", str(warmup), "--out", str(tmp_path), *options]
     for b in backends:
         argv += ["--backend", b]
     argv += [*FAST_TRAIN, f"data.root={tiny_data}", f"output.root={tmp_path}", *extra]
@@ -92,7 +98,7 @@ def test_bench_cpu_writes_consistent_figures(tiny_data, tmp_path, capsys):
     assert "e2e/min" in out and "model (training step)" in out and str(tmp_path) in out
 
 
-def test_bench_reports_a_failing_backend_and_measures_the_others(tiny_data, tmp_path, monkeypatch):
+def test_bench_reports_a_failing_backend_and_measures_the_others(tiny_data, tmp_path, monkeypatch, capsys):
     real = bench.build_loader
 
     def build_loader(spec, data):
@@ -101,11 +107,81 @@ def test_bench_reports_a_failing_backend_and_measures_the_others(tiny_data, tmp_
         return real(spec, data)
 
     monkeypatch.setattr(bench, "build_loader", build_loader)
-    rc, result = _bench(tiny_data, tmp_path, "gpu_cache", "synthetic", steps=2, warmup=1)
+    # Three windows of >= 2 steps and >= 0.05 s: the GPU check's layout, small.
+    options = ["--windows", "3", "--window-s", "0.05"]
+    rc, result = _bench(tiny_data, tmp_path, "gpu_cache", "synthetic", steps=2, warmup=1, options=options)
     assert rc == 1 and result["failed"] == 1
     failed, ok = result["rows"]
     assert failed["backend"] == "gpu_cache" and "no decoder for you" in failed["error"]
     assert ok["error"] is None and ok["e2e_img_per_s"] > 0
+
+    s = result["settings"]
+    assert (s["windows"], s["window_s"], s["backends"]) == (3, 0.05, ["gpu_cache", "synthetic"])
+    assert result["finished"] is True and result["date"]
+    for figure in (result["model"], ok["input"], ok["e2e"]):
+        windows = figure["windows"]
+        assert len(windows) == 3
+        assert all(
+            w["steps"] >= 2 and w["seconds"] >= 0.05 and w["images"] == 8 * w["steps"] for w in windows
+        )
+        rates = sorted(w["img_per_s"] for w in windows)
+        assert figure["img_per_s"] == rates[1]  # the median
+        assert figure["spread"] == pytest.approx((rates[2] - rates[0]) / rates[1])
+        assert figure["images"] == sum(w["images"] for w in windows)
+    # No device allocator on CPU: the peak is None, not 0.
+    assert result["model"]["peak_mem_bytes"] is None and ok["peak_mem_bytes"] is None
+    assert ok["seconds"] >= ok["input"]["seconds"] + ok["e2e"]["seconds"]
+
+    # The table at the end has the failing row and the measured one.
+    out = capsys.readouterr().out
+    assert "FAILED: RuntimeError: no decoder for you" in out
+    assert _table_row(out, "synthetic")[3] == f"{ok['input_img_per_s']:,.0f}"
+
+    # --summary: this run, a copy cut short before its rows, and a folder without bench.json.
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    partial = {**result, "rows": [], "finished": False}
+    del partial["failed"]
+    (cut / "bench.json").write_text(json.dumps(partial))
+    assert main(["bench", "--summary", str(tmp_path), str(cut), str(tmp_path / "never")]) == 0
+    out = capsys.readouterr().out
+    assert "NO GPU" in out and "STOPPED before its end" in out
+    assert len([line for line in out.splitlines() if "(model alone)" in line]) == 2
+    assert out.count("not reached: the run stopped before this row") == 2  # cut's two backends
+    assert "never" in out and "no bench.json" in out
+    assert _table_row(out, "synthetic")[3] == f"{ok['input_img_per_s']:,.0f}"
+
+
+def _table_row(out: str, backend: str) -> list[str]:
+    """The first table row of ``backend``: [arch, mode, backend, input, model, e2e, e2e/min, ...]."""
+    return next(line.split() for line in out.splitlines() if line.split()[2:3] == [backend])
+
+
+def test_bench_time_limit_skips_rows_and_says_so(tiny_data, tmp_path, capsys):
+    # A limit already spent after the model's figure: the row is not started, and says why.
+    rc, result = _bench(
+        tiny_data, tmp_path, "synthetic", steps=1, warmup=0, options=["--time-limit-s", "0.001"]
+    )
+    assert rc == 0 and result["failed"] == 0 and result["model_img_per_s"] > 0
+    (row,) = result["rows"]
+    assert row["skipped"] is True and row["error"].startswith("not run:")
+    assert "not run:" in capsys.readouterr().out
+
+
+def test_timed_windows():
+    figure = bench.timed(lambda: 4, 1, 2, torch.device("cpu"), windows=3)
+    assert [w["steps"] for w in figure["windows"]] == [2, 2, 2]
+    assert (figure["steps"], figure["images"]) == (6, 24)
+    assert (
+        figure["spread"] >= 0 and figure["img_per_s"] == sorted(w["img_per_s"] for w in figure["windows"])[1]
+    )
+
+
+def test_summary_user_errors(tmp_path, capsys):
+    assert main(["bench", "--summary", str(tmp_path / "nothing")]) == 2
+    assert "no bench.json" in capsys.readouterr().err
+    assert main(["bench", "--summary", str(tmp_path), "--backend", "torch"]) == 2
+    assert "takes no --backend" in capsys.readouterr().err
 
 
 def test_backend_spec_carries_data_settings():
