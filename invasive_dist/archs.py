@@ -8,7 +8,7 @@ model is built or an image is read, and ``models.build_model`` repeats the refus
 callers that build a model from a bare ``ModelConfig``.
 
 The limits were found by experiment (torchvision 0.29, training mode, batch 2: the smallest side
-whose forward pass works, one pixel less fails) and ``tests/unit/test_all_archs.py`` re-checks
+whose forward pass works, one pixel less fails) and ``tests/integration/test_all_archs.py`` re-checks
 each of them against the real models, so a torchvision upgrade that changes one fails there. An
 architecture absent from :data:`INPUT_LIMITS` trains at every size the config accepts
 (``data.image_size >= 16``); that test trains each of them at 16 px.
