@@ -13,10 +13,12 @@ backend is NCCL on GPUs and gloo on CPU unless ``dist.backend`` says otherwise.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -83,24 +85,50 @@ def world_info_from_env(env: Mapping[str, str] | None = None) -> WorldInfo:
     return world
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on: its affinity set, which Slurm (--cpus-per-task), numactl
-    and taskset narrow, unlike ``os.cpu_count()`` (the whole machine's); that count where the
-    platform has no affinity (macOS)."""
+# Where the kernel shows this process's cgroup (v2: cpu.max; v1: cpu/cpu.cfs_quota_us and _period_us).
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cpu_quota() -> float | None:
+    """The CPUs a cgroup quota grants (Docker ``--cpus``, Kubernetes CPU limits), None without one.
+    A quota leaves the affinity set whole (a 64-core host with ``--cpus=4`` still shows 64 cores)
+    while the kernel throttles beyond 4 cores' worth of time: threads sized by the affinity alone
+    would wait most of the time."""
+    try:
+        v2 = CGROUP_ROOT / "cpu.max"  # "max 100000" (none) or "400000 100000" (4 CPUs)
+        if v2.is_file():
+            quota, _, period = v2.read_text().strip().partition(" ")
+            return None if quota == "max" else int(quota) / int(period or 100000)
+        v1 = CGROUP_ROOT / "cpu"
+        quota = int((v1 / "cpu.cfs_quota_us").read_text())  # -1: none
+        return quota / int((v1 / "cpu.cfs_period_us").read_text()) if quota > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def _affinity() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+    return os.cpu_count() or 1  # no affinity on this platform (macOS)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity set, which Slurm (--cpus-per-task), numactl
+    and taskset narrow, unlike ``os.cpu_count()`` (the whole machine's), and no more than a cgroup
+    CPU quota grants (rounded up)."""
+    quota = cpu_quota()
+    return max(1, min(_affinity(), math.ceil(quota) if quota else _affinity()))
 
 
 def cores_per_process(world: WorldInfo | None = None) -> int:
     """This process's share of the node's cores for its input pipelines: ``usable_cores()``, divided
     among the node's processes (``world``, default this process's launch) unless the launcher already
-    bound each process to a subset of the cores (Slurm --cpus-per-task, numactl)."""
-    usable = usable_cores()
-    if usable < (os.cpu_count() or usable):
-        return usable  # already bound: this is our share
+    bound each process to a subset of the cores (Slurm --cpus-per-task, numactl). A cgroup quota is
+    the whole container's, so it is divided too: 8 ranks under ``--cpus=16`` get 2 each."""
+    if _affinity() < (os.cpu_count() or 1):
+        return usable_cores()  # already bound: this is our share
     world = world_info_from_env() if world is None else world
-    return max(1, usable // max(1, world.local_world_size))
+    return max(1, usable_cores() // max(1, world.local_world_size))
 
 
 def _backend(cfg, use_cuda: bool) -> str:

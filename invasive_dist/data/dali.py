@@ -61,8 +61,9 @@ the one at the head of the queue (a resume elsewhere, an abandoned epoch), the l
 queued batches out unused (counted in ``wasted``) and starts again at the one asked for.
 
 Machine-aware settings (``resolve_settings``): CPU threads per pipeline = the cores of this process's
-share of the machine (its CPU affinity, divided by the processes per node unless the launcher already
-bound it to a subset: ``distributed.cores_per_process``), or ``data.dali.threads``; hardware-decoder share ``data.dali.hw_decoder_load``;
+share of the machine (its CPU affinity, capped by a cgroup CPU quota, divided by the processes per
+node unless the launcher already bound it to a subset: ``distributed.cores_per_process``), or
+``data.dali.threads``; hardware-decoder share ``data.dali.hw_decoder_load``;
 ``hybrid_huffman_threshold`` (``data.dali.hybrid_huffman_threshold``, auto: see
 ``auto_huffman_threshold``); ``preallocate_width_hint``/``height_hint`` from the largest image of the
 split. Hand-over to torch without a copy: ``torch.from_dlpack`` of DALI's output (with the default

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from invasive_dist import distributed
 from invasive_dist.config import DataConfig, config_from_dict
 from invasive_dist.data import ImageSpec
 from invasive_dist.data.base import IMAGENET_MEAN, IMAGENET_STD, Shard, eval_plan, sample_seeds, train_plan
@@ -222,7 +223,8 @@ def test_images_are_handed_over_without_a_copy(index):
         assert b.images.is_contiguous(memory_format=fmt)
 
 
-def test_settings_follow_the_machine(index, monkeypatch):
+def test_settings_follow_the_machine(index, monkeypatch, tmp_path):
+    monkeypatch.setattr(distributed, "CGROUP_ROOT", tmp_path)  # no CPU quota, whatever this machine has
     monkeypatch.setattr(dali_backend.os, "cpu_count", lambda: 16)
     monkeypatch.setattr(dali_backend.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")

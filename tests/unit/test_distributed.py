@@ -1,6 +1,7 @@
 import pytest
 
-from invasive_dist.distributed import check_precision, world_info_from_env
+from invasive_dist import distributed
+from invasive_dist.distributed import WorldInfo, check_precision, world_info_from_env
 from invasive_dist.errors import UserError
 
 
@@ -49,3 +50,49 @@ def test_fp16_on_cpu_fails_before_work():
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         check_precision("fp16", use_cuda=False)
     check_precision("bf16", use_cuda=False)
+
+
+def _machine(monkeypatch, tmp_path, cores: int, affinity: int, cgroup: dict[str, str]) -> None:
+    """A machine of ``cores`` cores, this process bound to ``affinity`` of them, and a cgroup folder
+    holding ``cgroup`` (relative path -> text)."""
+    monkeypatch.setattr(distributed.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    root = tmp_path / f"cgroup{len(list(tmp_path.iterdir()))}"  # a fresh folder per machine
+    root.mkdir()
+    for rel, text in cgroup.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    monkeypatch.setattr(distributed, "CGROUP_ROOT", root)
+
+
+@pytest.mark.parametrize(
+    "cgroup, quota",
+    [
+        ({}, None),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "400000 100000\n"}, 4.0),
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "1600000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 16.0),
+        ({"cpu.max": "garbage"}, None),
+    ],
+    ids=["none", "v2-max", "v2-4", "v2-1.5", "v1-none", "v1-16", "unreadable"],
+)
+def test_cpu_quota_of_cgroup_v1_and_v2(monkeypatch, tmp_path, cgroup, quota):
+    _machine(monkeypatch, tmp_path, 64, 64, cgroup)
+    assert distributed.cpu_quota() == quota
+
+
+def test_cores_follow_affinity_and_quota(monkeypatch, tmp_path):
+    eight = WorldInfo(world_size=8, local_world_size=8)
+    _machine(monkeypatch, tmp_path, 64, 64, {})
+    assert (distributed.usable_cores(), distributed.cores_per_process(eight)) == (64, 8)
+    # Docker --cpus=16 on the 64-core host: the container's 16 shared by its 8 ranks.
+    _machine(monkeypatch, tmp_path, 64, 64, {"cpu.max": "1600000 100000"})
+    assert (distributed.usable_cores(), distributed.cores_per_process(eight)) == (16, 2)
+    # --cpus=1.5 rounds up to 2 cores; never less than 1 per process.
+    _machine(monkeypatch, tmp_path, 64, 64, {"cpu.max": "150000 100000"})
+    assert (distributed.usable_cores(), distributed.cores_per_process(eight)) == (2, 1)
+    # Slurm --cpus-per-task=6 binds each rank: its 6 are its share, whatever the node's rank count.
+    _machine(monkeypatch, tmp_path, 64, 6, {})
+    assert (distributed.usable_cores(), distributed.cores_per_process(eight)) == (6, 6)
