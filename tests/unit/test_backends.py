@@ -141,6 +141,10 @@ def test_gpu_cache_stored_size(index):
         "gpu_cache", index, cfg(gpu_cache=GpuCacheConfig(short_side=40)), Shard(), CPU, True, 0
     )
     assert loader.images.shape[-2:] == (40, 53)
+    # 64 px would want 109 (64 / sqrt(0.35)): no more than the photos' own 72 is stored, unless asked.
+    assert make_loader("gpu_cache", index, cfg(64), Shard(), CPU, True, 0).images.shape[-2:] == (72, 96)
+    asked = cfg(64, gpu_cache=GpuCacheConfig(short_side=100))
+    assert make_loader("gpu_cache", index, asked, Shard(), CPU, True, 0).images.shape[-2:] == (100, 133)
     # Eval stores the final crops of this rank's shard only.
     loader = make_loader("gpu_cache", index, d, Shard(1, 2), CPU, False, 0)
     assert loader.images.shape == (len(index) // 2, 3, 32, 32)
