@@ -1,6 +1,9 @@
-"""What every input backend yields, and the sharding plan the host-side backends share.
+"""The loader contract: what every input backend is built from, what it yields, and the sharding
+plan the backends share.
 
-A backend is any object with ``steps_per_epoch`` and ``iter_epoch(epoch, start_step=0)`` that
+A backend is a class built from a frozen :class:`LoaderSpec` (the split, the :class:`ImageSpec`
+geometry, the :class:`Shard`, batch, seed, device, memory format) and its own config section,
+``Backend(spec, section)``, with ``steps_per_epoch`` and ``iter_epoch(epoch, start_step=0)`` that
 yields :class:`Batch` objects: images already on the device (float32, normalized, in the model's
 memory format), labels and the positions of the samples in the split's ``DataIndex``.
 
