@@ -224,9 +224,8 @@ def test_dali_cpu_pipeline_on_real_files(real_sample):
 
 def test_gpu_cache_on_real_files(real_sample):
     idx = train_index(real_sample)
-    d = DataConfig(
-        image_size=224, batch_size=4, torch=TorchConfig(num_workers=0)
-    )  # gpu_cache has no DataLoader workers
+    # num_workers=0: gpu_cache has no DataLoader workers; the torch reference decodes in-process.
+    d = DataConfig(image_size=224, batch_size=4, torch=TorchConfig(num_workers=0))
     got, _, pos = all_batches(make_loader("gpu_cache", idx, d, Shard(1, 2), CPU, False, 0))
     ref, _, ref_pos = all_batches(make_loader("torch", idx, d, Shard(1, 2), CPU, False, 0))
     assert torch.equal(pos, ref_pos) and torch.equal(got, ref)
