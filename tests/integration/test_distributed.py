@@ -241,7 +241,7 @@ def test_val_loss_a_two_rank_run_logs_is_that_of_the_checkpoint_it_saved(referen
     import torch
 
     from invasive_dist.config import load_config
-    from invasive_dist.data import Shard, build_loader
+    from invasive_dist.data import LoaderSpec, Shard, build_loader
     from invasive_dist.data.base import eval_plan
     from invasive_dist.data.kaggle import split, train_index
     from invasive_dist.predict import load_model_for_inference
@@ -250,7 +250,7 @@ def test_val_loss_a_two_rank_run_logs_is_that_of_the_checkpoint_it_saved(referen
     full = train_index(cfg.data.root, cfg.data.labels_csv, cfg.data.limit)
     _, val = split(full, cfg.data.n_folds, cfg.data.fold, cfg.seed)
     assert len(val) == N_VAL
-    loader = build_loader(val, cfg, Shard(0, 1), torch.device("cpu"), False)
+    loader = build_loader(LoaderSpec.of(val, cfg.data, Shard(0, 1), "cpu", False, cfg.seed), cfg.data)
     model = load_model_for_inference(cfg, reference, "last")
     idx, logits, labels = [], [], []
     with torch.no_grad():
