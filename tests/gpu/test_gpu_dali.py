@@ -7,30 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from invasive_dist.config import DataConfig
 from invasive_dist.data.base import Shard
 from invasive_dist.data.dali import DaliConfig
 from invasive_dist.data.kaggle import DataIndex, train_index
-from invasive_dist.data.torch_backend import TorchConfig
 
 pytest.importorskip("nvidia.dali", reason="nvidia.dali does not import")
-from ..loaders import make_loader  # noqa: E402
+from ..loaders import CPU, make_loader  # noqa: E402
+from ..unit.test_dali import N, cfg  # noqa: E402  (the CPU tests' settings and split size)
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-
-N = 50  # as tests/unit/test_dali.py: with batch 8 evaluation ends in a short batch
-BATCH = 8
-CPU = torch.device("cpu")
-
-
-def cfg(**kw) -> DataConfig:
-    # As tests/unit/test_dali.py: num_workers only matters to the torch backend; one DALI thread.
-    return DataConfig(
-        image_size=32, batch_size=BATCH, torch=TorchConfig(num_workers=0), dali=DaliConfig(threads=1), **kw
-    )
 
 
 @pytest.fixture(scope="module")
