@@ -10,7 +10,8 @@ Writes into ``RUN/analysis/`` (or ``--out``):
     confusion.png   2x2 confusion matrix at the threshold (default 0.5; ``youden`` picks the one
                     that maximises Youden's J = TPR - FPR on these predictions, an optimistic choice)
     wrong.png       the most confidently wrong validation images (misclassified at the threshold,
-                    sorted by |label - probability|), captioned with name, label and probability
+                    sorted by how far their logit is on the wrong side), captioned with name, label
+                    and probability
     analysis.json   AUC, threshold, counts, and the names of the images in wrong.png
 
 A single run's validation predictions are computed once (best checkpoint, EMA weights if present,
@@ -69,18 +70,23 @@ def analyze_predictions(
     n_wrong: int = 16,
     title: str = "",
 ) -> dict:
-    """Write roc.png, confusion.png, wrong.png and analysis.json for rows of name,label,probability[,fold]."""
+    """Write roc.png, confusion.png, wrong.png and analysis.json for rows of
+    name,label,probability[,fold][,logit]. The AUC and the order of wrong.png come from the logits
+    when the rows have them (oof.csv files since the logit column): their order is the model's."""
     out_dir = Path(out_dir)
     labels, probs = oof["label"].to_numpy(), oof["probability"].to_numpy()
+    scores = oof["logit"].to_numpy() if "logit" in oof else probs
     thr = parse_threshold(threshold)
     thr_value = youden_threshold(labels, probs) if thr == "youden" else float(thr)
-    auc = roc_auc(labels, probs)
+    auc = roc_auc(labels, scores)
     draw_roc(roc_curves_for(oof), out_dir / "roc.png", title=f"ROC {title}".strip())
     counts = confusion(labels, probs, thr_value)
     how = "Youden's J" if thr == "youden" else "fixed"
     draw_confusion(counts, thr_value, out_dir / "confusion.png", title=f"{title} ({how} threshold)".strip())
     wrong = oof[(probs >= thr_value) != labels.astype(bool)].copy()
-    wrong["error"] = (wrong["label"] - wrong["probability"]).abs()
+    # How far on the wrong side: the logit (or probability) against the label's sign.
+    sign = 1.0 - 2.0 * wrong["label"].to_numpy()
+    wrong["error"] = sign * (wrong["logit"] if "logit" in wrong else wrong["probability"] - 0.5)
     wrong = wrong.sort_values("error", ascending=False, kind="mergesort")
     shown = wrong.head(n_wrong)
     image_grid(

@@ -11,9 +11,10 @@ The CV directory is ``output.root/output.name``:
 
     fold<k>/              a training run of fold k (config.yaml, checkpoints/, metrics.jsonl, ...) and
                           its oof.csv: the validation fold scored by the fold's best checkpoint
-    oof.csv               name,label,fold,probability: every labelled image once, scored by the model
-                          that did not train on it (EMA weights when kept; ``predict.tta`` views)
-    cv.json               per-fold AUCs, the OOF AUC, the settings
+    oof.csv               name,label,fold,probability,logit: every labelled image once, scored by the
+                          model that did not train on it (EMA weights when kept; the mean logit of
+                          the ``predict.tta`` views, and a probability that keeps the logits' order)
+    cv.json               per-fold AUCs, the OOF AUC (both of the logits), the settings
     roc.png               OOF ROC curve, one thin curve per fold
     submission.csv        (pseudo-labelling only) this round's fold-ensemble test predictions
     pseudo_round1.csv     test images the round-1 ensemble scored <= pseudo-low (label 0) or
@@ -62,13 +63,15 @@ from .predict import (
     fold_dirs,
     load_model_for_inference,
     load_run_config,
-    predict_probs,
+    ordered_probabilities,
+    predict_logits,
     predict_run,
+    require_finite,
 )
 from .train import Trainer, build_parts
 
 ROUND_DIR_RE = re.compile(r"^round(\d+)$")
-OOF_COLUMNS = ["name", "label", "fold", "probability"]
+OOF_COLUMNS = ["name", "label", "fold", "probability", "logit"]
 
 # Settings that may change between a fold's training and a re-run without making it a different
 # experiment (paths, logging, inference and launch details).
@@ -145,10 +148,17 @@ def config_differences(saved: Config, new: Config) -> list[str]:
 
 
 def oof_is_fresh(run_dir: Path) -> bool:
-    """True when ``run_dir/oof.csv`` exists and is not older than ``checkpoints/best.pt``."""
+    """True when ``run_dir/oof.csv`` exists, is not older than ``checkpoints/best.pt`` and has the
+    current columns (an oof.csv without the logit column is scored again)."""
     best = Path(run_dir) / "checkpoints" / "best.pt"
     oof = Path(run_dir) / "oof.csv"
-    return best.is_file() and oof.is_file() and oof.stat().st_mtime >= best.stat().st_mtime
+    try:
+        if not (best.is_file() and oof.stat().st_mtime >= best.stat().st_mtime):
+            return False
+        with oof.open() as f:
+            return f.readline().strip().split(",") == OOF_COLUMNS
+    except OSError:
+        return False
 
 
 def fold_cfg(base: Config, cv_name: str, k: int) -> Config:
@@ -172,16 +182,18 @@ def fold_oof(cfg: Config, data: Data, run_dir: Path, acc) -> pd.DataFrame:
     model = load_model_for_inference(cfg, run_dir, "best").to(acc.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    positions, probs = predict_probs(model, data.val_loader, acc, cfg.predict.tta, channels_last)
+    positions, logits = predict_logits(model, data.val_loader, acc, cfg.predict.tta, channels_last)
     val = data.val_idx
     if len(positions) != len(val):
         raise RuntimeError(f"OOF covered {len(positions)} of {len(val)} validation images")  # a bug
+    require_finite(logits, f"{run_dir}/checkpoints/best.pt on its validation fold")
     df = pd.DataFrame(
         {
             "name": [val.names[i] for i in positions],
             "label": val.labels[positions].astype(np.int64),
             "fold": cfg.data.fold,
-            "probability": probs.astype(np.float64),
+            "probability": ordered_probabilities(logits),
+            "logit": logits.astype(np.float64),
         }
     )
     if acc.is_main_process:
@@ -257,7 +269,7 @@ def train_folds(base: Config, cv_name: str, folds: list[int], acc, world) -> lis
             parts.data.close()
             del parts
             _free(acc)
-        auc = roc_auc(df["label"].to_numpy(), df["probability"].to_numpy())
+        auc = roc_auc(df["label"].to_numpy(), df["logit"].to_numpy())
         _print(
             acc,
             f"[cv] fold {k}/{n}: best val/auc {result.best_auc:.4f}; OOF AUC {auc:.4f} "
@@ -312,7 +324,11 @@ def write_cv_files(cv_dir: Path, n_folds: int, round_no: int = 1) -> dict:
         path = cv_dir / f"fold{k}" / "oof.csv"
         df = pd.read_csv(path, dtype={"name": str})
         if list(df.columns) != OOF_COLUMNS or (df["fold"] != k).any():
-            raise UserError(f"{path}: expected columns {','.join(OOF_COLUMNS)} with fold={k} on every row")
+            raise UserError(
+                f"{path}: expected columns {','.join(OOF_COLUMNS)} with fold={k} on every row (a file "
+                f"written before the logit column is scored again by `invasive-dist cv --collect "
+                f"--run-dir {cv_dir}`)"
+            )
         parts.append(df)
     oof = pd.concat(parts, ignore_index=True)
     dup = oof[oof["name"].duplicated(keep=False)]
@@ -325,6 +341,8 @@ def write_cv_files(cv_dir: Path, n_folds: int, round_no: int = 1) -> dict:
         )
     key = oof["name"].map(lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
     oof = oof.iloc[np.argsort(key.to_numpy(), kind="mergesort")].reset_index(drop=True)
+    # The pooled probabilities keep the order of all folds' logits (each fold's file keeps its own).
+    oof["probability"] = ordered_probabilities(oof["logit"].to_numpy())
     _write_csv(oof, cv_dir / "oof.csv")
 
     cfg0 = load_run_config(cv_dir / "fold0")
@@ -335,7 +353,7 @@ def write_cv_files(cv_dir: Path, n_folds: int, round_no: int = 1) -> dict:
             {
                 "fold": k,
                 "n": int(len(df)),
-                "auc": roc_auc(df["label"].to_numpy(), df["probability"].to_numpy()),
+                "auc": roc_auc(df["label"].to_numpy(), df["logit"].to_numpy()),
                 "best_val_auc": max(hist) if hist else None,  # no TTA, as logged during training
                 "epochs": len(hist),
                 "run_dir": f"fold{k}",
@@ -348,7 +366,7 @@ def write_cv_files(cv_dir: Path, n_folds: int, round_no: int = 1) -> dict:
         "round": round_no,
         "n_folds": n_folds,
         "n_images": int(len(oof)),
-        "oof_auc": roc_auc(oof["label"].to_numpy(), oof["probability"].to_numpy()),
+        "oof_auc": roc_auc(oof["label"].to_numpy(), oof["logit"].to_numpy()),
         "fold_auc_mean": float(np.nanmean(fold_aucs)),
         "fold_auc_std": float(np.nanstd(fold_aucs)),
         "folds": folds,
