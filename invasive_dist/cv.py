@@ -17,8 +17,8 @@ The CV directory is ``output.root/output.name``:
     cv.json               per-fold AUCs, the OOF AUC (both of the logits), the settings
     roc.png               OOF ROC curve, one thin curve per fold
     submission.csv        (pseudo-labelling only) this round's fold-ensemble test predictions
-    pseudo_round1.csv     test images the round-1 ensemble scored <= pseudo-low (label 0) or
-                          >= pseudo-high (label 1): name,invasive
+    pseudo_round1.csv     test images whose mean probability over the round-1 folds is <= pseudo-low
+                          (label 0) or >= pseudo-high (label 1): name,invasive
     round2/               round 2: the same layout, trained with data.pseudo_csv=pseudo_round1.csv
 
 Folds run one after another in one launch; under torchrun every rank takes part in every fold, each
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -60,12 +61,15 @@ from .metrics import read_metrics, roc_auc
 from .plots import draw_roc, roc_curves_for
 from .predict import (
     FOLD_DIR_RE,
+    expit,
     fold_dirs,
+    folds_file,
     load_model_for_inference,
     load_run_config,
     ordered_probabilities,
     predict_logits,
     predict_run,
+    read_member_logits,
     require_finite,
 )
 from .train import Trainer, build_parts
@@ -403,18 +407,52 @@ def pseudo_path(cv_root: Path, r: int) -> Path:
     return Path(cv_root) / f"pseudo_round{r}.csv"
 
 
-def select_pseudo(sub: pd.DataFrame, low: float, high: float) -> pd.DataFrame:
-    """Rows of a submission with probability <= low (label 0) or >= high (label 1), as name,invasive."""
-    p = sub["invasive"].astype(np.float64)
+def select_pseudo(names: list[str], fold_logits: np.ndarray, low: float, high: float) -> pd.DataFrame:
+    """Test images whose mean fold probability is <= low (label 0) or >= high (label 1), as
+    name,invasive. The mean of the folds' probabilities (from their logits), whatever
+    ``predict.ensemble`` wrote into the submission: under ``rank_mean`` that holds ranks, and
+    thresholds on ranks would always take the top and bottom images however unsure the folds are."""
+    p = expit(np.atleast_2d(fold_logits)).mean(0)
     keep = (p <= low) | (p >= high)
     return pd.DataFrame(
-        {"name": sub["name"][keep].astype(str), "invasive": (p[keep] >= high).astype(np.int64)}
+        {
+            "name": pd.Series([n for n, k in zip(names, keep) if k], dtype=object),
+            "invasive": (p[keep] >= high).astype(np.int64),
+        }
     )
+
+
+def pseudo_message(chosen: pd.DataFrame, n_test: int, low: float, high: float, out: Path, rdir: Path) -> str:
+    """The log line(s) of a pseudo-label selection, with a warning when every pick is one class."""
+    n1 = int(chosen["invasive"].sum())
+    n0 = len(chosen) - n1
+    msg = (
+        f"[cv] pseudo-labels: {len(chosen)} of {n_test} test images (mean fold p <= {low}: {n0} as 0, "
+        f"p >= {high}: {n1} as 1) -> {out}"
+    )
+    if len(chosen) and (n0 == 0 or n1 == 0):
+        cls = 1 if n0 == 0 else 0
+        aucs = ""
+        try:
+            folds = json.loads((Path(rdir) / "cv.json").read_text())["folds"]
+            listed = ", ".join(f"{f['auc']:.3f}" for f in folds)
+            aucs = f" (fold AUCs {listed} in {rdir}/cv.json)"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        msg += (
+            f"\n[cv] warning: all {len(chosen)} pseudo-labels are class {cls}: the fold ensemble does not "
+            f"separate the test images{aucs}. Training the next round on them teaches it one class. "
+            f"Check the folds (a fold near AUC 0.5 did not learn: retrain it), or choose thresholds "
+            f"that also take the other class (--pseudo-low/--pseudo-high), or delete {out} and run "
+            "without --pseudo-rounds"
+        )
+    return msg
 
 
 def write_pseudo_labels(cv_root: Path, r: int, data_root: Path, acc, low: float, high: float) -> Path:
     """Predict the test set with round ``r``'s fold ensemble (its ``submission.csv``) and write
-    ``pseudo_round<r>.csv``. Kept if it is newer than every fold's best checkpoint. Collective."""
+    ``pseudo_round<r>.csv`` from the folds' mean probability (:func:`select_pseudo`). Kept if it is
+    newer than every fold's best checkpoint. Collective."""
     rdir = round_dir(cv_root, r)
     out = pseudo_path(cv_root, r)
     acc.wait_for_everyone()
@@ -424,15 +462,10 @@ def write_pseudo_labels(cv_root: Path, r: int, data_root: Path, acc, low: float,
         return out
     sub_path = predict_run(rdir, data_root, acc, out=rdir / "submission.csv")
     if acc.is_main_process:
-        sub = pd.read_csv(sub_path, dtype={"name": str})
-        chosen = select_pseudo(sub, low, high)
+        names, fold_logits = read_member_logits(folds_file(sub_path))
+        chosen = select_pseudo(names, fold_logits, low, high)
         _write_csv(chosen, out)
-        n1 = int(chosen["invasive"].sum())
-        print(
-            f"[cv] pseudo-labels: {len(chosen)} of {len(sub)} test images (p <= {low}: {len(chosen) - n1} "
-            f"as 0, p >= {high}: {n1} as 1) -> {out}",
-            flush=True,
-        )
+        print(pseudo_message(chosen, len(names), low, high, out, rdir), flush=True)
     acc.wait_for_everyone()
     return out
 

@@ -327,6 +327,36 @@ def write_submission(names: list[str], values: np.ndarray, out: Path, extra: dic
     atomic_write(out, lambda tmp: df.to_csv(tmp, index=False))
 
 
+def write_predictions(
+    names: list[str], logits: np.ndarray, how: str, out: Path, members: list[str] | None = None
+) -> None:
+    """``out``: the submission of a (members, images) matrix of logits. One run (``members`` None):
+    its probabilities; several: their ensemble by ``how`` (see :func:`combine`), and next to it
+    ``<out>_folds.csv`` with the ensemble's value and one ``<member>_logit`` column per member."""
+    logits = np.atleast_2d(logits)
+    if members is None:
+        write_submission(names, ordered_probabilities(logits[0]), out)
+        return
+    final = combine(logits, how)
+    write_submission(names, final, out)
+    write_submission(names, final, folds_file(out), extra={f"{m}_logit": z for m, z in zip(members, logits)})
+
+
+def folds_file(submission: Path) -> Path:
+    """The per-member file written next to a fold ensemble's submission."""
+    submission = Path(submission)
+    return submission.with_name(f"{submission.stem}_folds.csv")
+
+
+def read_member_logits(path: Path) -> tuple[list[str], np.ndarray]:
+    """(names, (members, images) logits) of a ``<submission>_folds.csv`` file."""
+    df = pd.read_csv(path, dtype={"name": str})
+    cols = [c for c in df.columns if c.endswith("_logit")]
+    if not cols:
+        raise UserError(f"{path}: no <fold>_logit columns; predict the CV directory again")
+    return list(df["name"]), df[cols].to_numpy(dtype=np.float64).T
+
+
 def _checked_test_index(data_root: Path, cache_dir: Path) -> DataIndex:
     """The test images in submission order, after the data check: a missing, empty, truncated or
     non-JPEG test image stops prediction with a message naming it (a submission must cover all)."""
@@ -382,17 +412,9 @@ def predict_run(
         logits.append(z)
         if len(members) > 1 and acc.is_main_process:
             print(f"predicted {len(z)} test images with {member} (tta {cfg.predict.tta})", flush=True)
-    # One run: its probabilities; several: the ensemble of their logits (see combine).
-    final = combine(np.stack(logits), how) if len(logits) > 1 else ordered_probabilities(logits[0])
     out = Path(out) if out else run_dir / "submission.csv"
     if acc.is_main_process:
-        write_submission(index.names, final, out)
-        if len(members) > 1:
-            write_submission(
-                index.names,
-                final,
-                out.with_name(f"{out.stem}_folds.csv"),
-                extra={f"{m.name}_logit": z for m, z in zip(members, logits)},
-            )
+        cv = [m.name for m in members] if len(members) > 1 else None
+        write_predictions(index.names, np.stack(logits), how, out, cv)
     acc.wait_for_everyone()
     return out

@@ -204,9 +204,10 @@ def test_pseudo_labels_train_but_never_validate(cv_run, tiny_data, tmp_path):
     assert rc == 0, out
     assert out.count("skipped") == N_FOLDS
 
-    sub = pd.read_csv(ps / "submission.csv", dtype={"name": str})  # the round-1 fold ensemble
+    folds = pd.read_csv(ps / "submission_folds.csv", dtype={"name": str})  # the round-1 folds
     pseudo = pd.read_csv(ps / "pseudo_round1.csv", dtype={"name": str})
-    p = sub.set_index("name")["invasive"]
+    logits = folds.set_index("name")[[f"fold{k}_logit" for k in range(N_FOLDS)]]
+    p = (1 / (1 + np.exp(-logits))).mean(axis=1)  # the folds' mean probability
     expected = p[(p <= 0.5) | (p >= 0.6)]
     assert list(pseudo["name"]) == list(expected.index) and len(pseudo) > 0
     assert (pseudo["invasive"].to_numpy() == (expected >= 0.6).to_numpy()).all()
