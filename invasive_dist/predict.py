@@ -48,7 +48,7 @@ from .build import channels_last_on
 from .checkpoint import Checkpointer, load_checkpoint
 from .config import Config, load_config
 from .data import LoaderSpec, Shard, build_loader
-from .data.check import cached_check
+from .data.check import cached_check, check_data
 from .data.kaggle import DataIndex, read_name_csv, test_index
 from .data.transforms import image_hw
 from .errors import UserError
@@ -357,11 +357,18 @@ def read_member_logits(path: Path) -> tuple[list[str], np.ndarray]:
     return list(df["name"]), df[cols].to_numpy(dtype=np.float64).T
 
 
-def _checked_test_index(data_root: Path, cache_dir: Path) -> DataIndex:
-    """The test images in submission order, after the data check: a missing, empty, truncated or
-    non-JPEG test image stops prediction with a message naming it (a submission must cover all)."""
-    index = test_index(data_root)
-    cached_check(Path(data_root), "train_labels.csv", cache_dir).require("predict")
+def _checked_test_index(cfg: Config) -> DataIndex:
+    """The test images of ``data.root`` in submission order, after the data check training runs
+    (of the run's ``data.labels_csv``, cached unless ``data.check_cache`` is false): a missing,
+    empty, truncated or non-JPEG test image stops prediction with a message naming it (a
+    submission must cover all)."""
+    d = cfg.data
+    index = test_index(d.root)
+    if d.check_cache:
+        report = cached_check(Path(d.root), d.labels_csv, Path(cfg.output.root) / ".data-check")
+    else:
+        report = check_data(Path(d.root), d.labels_csv)
+    report.require("predict")
     return index
 
 
@@ -405,7 +412,7 @@ def predict_run(
         c.data.root = str(data_root)
     how = cfgs[0].predict.ensemble
     with acc.main_process_first():  # main checks and caches; the others read the cache
-        index = _checked_test_index(data_root, Path(cfgs[0].output.root) / ".data-check")
+        index = _checked_test_index(cfgs[0])
     logits = []
     for member, cfg in zip(members, cfgs):
         z = predict_member(member, index, acc, cfg)

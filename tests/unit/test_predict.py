@@ -1,0 +1,59 @@
+"""`invasive-dist predict` on a run: the data check it runs follows the run's data settings, and a
+run without the checkpoint asked for says what to do."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from invasive_dist.checkpoint import atomic_torch_save
+from invasive_dist.cli import main
+from invasive_dist.config import load_config, save_config
+from invasive_dist.models import build_model
+
+
+def run_cli(*args) -> tuple[int, str]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        rc = main([str(a) for a in args])
+    return rc, buf.getvalue()
+
+
+def make_run(run_root: Path, name: str, data: Path, *overrides: str, checkpoint: bool = True) -> Path:
+    """A run folder as `train` leaves it: config.yaml and (unless told) checkpoints/best.pt."""
+    cfg = load_config(
+        None,
+        ["model.arch=resnet18", "data.image_size=32", f"data.root={data}", f"output.root={run_root}",
+         f"output.name={name}", *overrides],
+    )  # fmt: skip
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    if checkpoint:
+        torch.manual_seed(0)
+        state = {"model": build_model(cfg.model).state_dict(), "ema": None}
+        atomic_torch_save(state, cfg.run_dir / "checkpoints" / "best.pt")
+    return cfg.run_dir
+
+
+def test_predict_checks_the_runs_label_file_and_honours_check_cache(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "train_labels.csv").rename(data / "labels.csv")
+    runs = tmp_path / "runs"
+    run = make_run(runs, "r", data, "data.labels_csv=labels.csv")
+
+    rc, out = run_cli("predict", "--run-dir", run, "--data", data, "data.check_cache=false")
+    assert rc == 0, out
+    assert not (runs / ".data-check").exists()  # no cache read or written when it is off
+    rc, out = run_cli("predict", "--run-dir", run, "--data", data)
+    assert rc == 0, out
+    caches = list((runs / ".data-check").iterdir())
+    assert len(caches) == 1  # the one training writes for this data folder and label file
+    assert json.loads(caches[0].read_text())["report"]["labels_csv"] == "labels.csv"
+    sub = pd.read_csv(run / "submission.csv", dtype={"name": str})
+    assert len(sub) == 12
