@@ -102,10 +102,14 @@ def load_model_for_inference(cfg: Config, run_dir: Path, which: str) -> torch.nn
     ckpt = Checkpointer(Path(run_dir) / "checkpoints")
     path = ckpt.best if which == "best" else ckpt.last
     if not path.is_file():
-        raise UserError(
-            f"{path} does not exist: train the run first (invasive-dist train / cv), or use "
-            "predict.checkpoint=last"
-        )
+        if which == "best" and ckpt.last.is_file():
+            hint = f"the run has {ckpt.last.name} (no epoch validated yet?): use predict.checkpoint=last"
+        else:
+            hint = (
+                f"{run_dir} has no checkpoint yet; train it first (invasive-dist train, or "
+                "invasive-dist cv for the folds of a CV directory)"
+            )
+        raise UserError(f"{path} does not exist: {hint}")
     state = load_checkpoint(path)
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.weights = None  # everything comes from the checkpoint; never download here

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 
 from invasive_dist.checkpoint import atomic_torch_save
@@ -57,3 +58,21 @@ def test_predict_checks_the_runs_label_file_and_honours_check_cache(tiny_data, t
     assert json.loads(caches[0].read_text())["report"]["labels_csv"] == "labels.csv"
     sub = pd.read_csv(run / "submission.csv", dtype={"name": str})
     assert len(sub) == 12
+
+
+@pytest.mark.parametrize("which", ["best", "last"])
+def test_predict_without_the_checkpoint_says_what_to_do(tiny_data, tmp_path, which):
+    run = make_run(tmp_path, "empty", tiny_data, checkpoint=False)
+    rc, out = run_cli("predict", "--run-dir", run, "--data", tiny_data, f"predict.checkpoint={which}")
+    assert rc == 2
+    assert f"checkpoints/{which}.pt does not exist" in out
+    assert "has no checkpoint" in out and "invasive-dist train" in out
+    assert "predict.checkpoint=last" not in out  # there is no last one either
+
+
+def test_predict_of_a_run_with_only_last_offers_it(tiny_data, tmp_path):
+    run = make_run(tmp_path, "unvalidated", tiny_data, checkpoint=False)
+    atomic_torch_save({"model": {}, "ema": None}, run / "checkpoints" / "last.pt")
+    rc, out = run_cli("predict", "--run-dir", run, "--data", tiny_data)
+    assert rc == 2 and "checkpoints/best.pt does not exist" in out
+    assert "use predict.checkpoint=last" in out
