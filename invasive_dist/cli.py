@@ -32,7 +32,7 @@ import torch.distributed as dist
 import yaml
 
 from . import __version__
-from .analysis import cmd_analyze
+from .analysis import cmd_analyze, cv_report
 from .bench import cmd_bench
 from .checkpoint import refuse_mixed_run
 from .config import Config, describe, field_comments, load_config
@@ -44,7 +44,7 @@ from .distributed import accelerator_from_env
 from .eda import run_eda
 from .errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
 from .metrics import read_metrics, roc_auc
-from .predict import load_run_config, predict_run
+from .predict import is_cv_dir, load_run_config, predict_run
 from .train import Trainer, build_parts, resume_source
 
 # Shown under each command's --help.
@@ -199,6 +199,9 @@ def _hidden_test_auc(run: Path) -> float | None:
 
 def cmd_report(args) -> int:
     run = Path(args.run)
+    if is_cv_dir(run):
+        print(cv_report(run))
+        return 0
     rows = read_metrics(run)
     # A folder written before runs refused to mix may hold several runs: summarise the last one.
     starts = [i for i in range(1, len(rows)) if rows[i].get("step", 0) < rows[i - 1].get("step", 0)]
@@ -395,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="summarize a finished run: val AUC and where its outputs are")
     s.add_argument(
-        "--run-dir", "--run", dest="run", metavar="RUN_DIR", required=True, help="a training run directory"
+        "--run-dir", "--run", dest="run", metavar="RUN_DIR", required=True, help="a training run or a CV dir"
     )
     s.set_defaults(fn=cmd_report)
     for name, parser in sub.choices.items():

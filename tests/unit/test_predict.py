@@ -1,5 +1,5 @@
 """`invasive-dist predict` on a run: the data check it runs follows the run's data settings, and a
-run without the checkpoint asked for says what to do."""
+run without the checkpoint asked for says what to do; `invasive-dist report` on a CV directory."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -16,7 +17,11 @@ import torch
 from invasive_dist.checkpoint import atomic_torch_save
 from invasive_dist.cli import main
 from invasive_dist.config import load_config, save_config
+from invasive_dist.cv import write_cv_files
+from invasive_dist.data.kaggle import read_labels
+from invasive_dist.metrics import roc_auc
 from invasive_dist.models import build_model
+from invasive_dist.predict import ordered_probabilities, write_predictions
 
 
 def run_cli(*args) -> tuple[int, str]:
@@ -76,3 +81,37 @@ def test_predict_of_a_run_with_only_last_offers_it(tiny_data, tmp_path):
     rc, out = run_cli("predict", "--run-dir", run, "--data", tiny_data)
     assert rc == 2 and "checkpoints/best.pt does not exist" in out
     assert "use predict.checkpoint=last" in out
+
+
+def test_report_on_a_cv_dir_gives_fold_oof_and_ensemble_test_auc(tiny_data, tmp_path):
+    """A CV directory as `cv` leaves it (fold runs, their oof.csv, cv.json, the ensemble's
+    submission): `report` summarises it instead of refusing it for its missing metrics.jsonl."""
+    rng = np.random.default_rng(0)
+    labels = read_labels(tiny_data / "train_labels.csv")
+    fold_of = np.arange(len(labels)) % 2
+    cv_dir = tmp_path / "cv"
+    for k in range(2):
+        run = make_run(tmp_path, f"cv/fold{k}", tiny_data, "data.n_folds=2", f"data.fold={k}")
+        part = labels[fold_of == k]
+        z = part["invasive"].to_numpy() * 2.0 + rng.normal(size=len(part))
+        oof = pd.DataFrame(
+            {"name": part["name"], "label": part["invasive"], "fold": k,
+             "probability": ordered_probabilities(z), "logit": z}
+        )  # fmt: skip
+        oof.to_csv(run / "oof.csv", index=False)
+    summary = write_cv_files(cv_dir, 2)
+    truth = read_labels(tiny_data / "test_labels_hidden.csv")
+    z = truth["invasive"].to_numpy() + rng.normal(size=(2, len(truth)))
+    write_predictions(list(truth["name"]), z, "mean", cv_dir / "submission.csv", ["fold0", "fold1"])
+
+    rc, out = run_cli("report", "--run-dir", cv_dir)
+    assert rc == 0, out
+    aucs = ", ".join(f"{f['auc']:.4f}" for f in summary["folds"])
+    assert f"fold AUCs      {aucs}" in out
+    assert f"OOF AUC        {summary['oof_auc']:.4f} over {len(labels)} images" in out
+    test_auc = roc_auc(truth["invasive"], z.mean(0))
+    assert f"test auc       {test_auc:.4f}" in out
+
+    (cv_dir / "cv.json").unlink()
+    rc, out = run_cli("report", "--run-dir", cv_dir)
+    assert rc == 2 and f"cv --collect --run-dir {cv_dir}" in out
