@@ -184,3 +184,30 @@ def test_early_stopping_stops_and_stays_stopped_on_resume(tmp_path, tiny_data, m
     assert train(tmp_path, tiny_data, "es", *args, "resume=auto")[0] == 0
     assert "early stop" in capsys.readouterr().out
     assert [r["epoch"] for r in read_metrics(tmp_path / "es") if "val/auc" in r] == [1, 2, 3]
+
+
+def test_best_breaks_auc_ties_on_loss_and_never_takes_nan(tmp_path, tiny_data, monkeypatch, capsys):
+    """Epoch 1 scores NaN, epochs 2 and 3 the same AUC with a lower loss at 3: best.pt is epoch 3
+    (a NaN best used to stay best for ever, and a tie kept the first epoch), and `report` says so."""
+    from invasive_dist import train as train_mod
+
+    labels = np.array([0.0, 1.0, 0.0, 1.0])
+    by_epoch = {
+        0: np.array([np.nan, np.nan, np.nan, np.nan]),
+        1: np.array([-0.5, 0.5, -0.4, 0.4]),  # AUC 1.0
+        2: np.array([-3.0, 3.0, -2.0, 2.0]),  # AUC 1.0, lower loss
+    }
+
+    def scripted_evaluate(self, model=None):
+        return train_mod.EvalResult(index=np.arange(4), logits=by_epoch[self.epoch], labels=labels)
+
+    monkeypatch.setattr(train_mod.Trainer, "evaluate", scripted_evaluate)
+    rc, run = train(tmp_path, tiny_data, "ties", "train.epochs=3")
+    assert rc == 0
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] == 3 and best["best_auc"] == 1.0
+    val = [r for r in read_metrics(run) if "val/auc" in r]
+    assert np.isnan(val[0]["val/auc"]) and [r["val/is_best"] for r in val] == [0.0, 1.0, 1.0]
+    capsys.readouterr()
+    assert main(["report", "--run", str(run)]) == 0
+    assert "(best, epoch 3;" in capsys.readouterr().out
