@@ -154,14 +154,26 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _best_row(val: list[dict]) -> dict:
+    """The epoch the Trainer kept as best (``val/is_best``; AUC ties go to the lower loss), or
+    the highest val/auc in metrics written before that flag existed."""
+    flagged = [r for r in val if r.get("val/is_best")]
+    return flagged[-1] if flagged else max(val, key=lambda r: r["val/auc"])
+
+
+def _source(row: dict) -> str:
+    """With EMA on (``val/ema`` logged): which weights the epoch's val/auc came from."""
+    return "" if "val/ema" not in row else f", {'ema' if row['val/ema'] else 'raw'} weights"
+
+
 def _best_line(run_dir: Path, epochs: int) -> str:
     """``best val/auc 0.9941 at epoch 2 of 8; ...`` from the run's metrics (one run per folder)."""
     val = [r for r in read_metrics(run_dir) if "val/auc" in r]
     if not val:
         return f"no validation result yet; run directory {run_dir}"
-    best = max(val, key=lambda r: r["val/auc"])
+    best = _best_row(val)
     return (
-        f"best val/auc {best['val/auc']:.4f} at epoch {best['epoch']} of {epochs} trained; "
+        f"best val/auc {best['val/auc']:.4f} at epoch {best['epoch']} of {epochs} trained{_source(best)}; "
         f"run directory {run_dir}"
     )
 
@@ -214,11 +226,12 @@ def cmd_report(args) -> int:
     val = [r for r in rows if "val/auc" in r]
     if not val:
         raise UserError(f"{run}/metrics.jsonl has no validation results: is {run} a finished training run?")
-    best = max(val, key=lambda r: r["val/auc"])
+    best = _best_row(val)
     perf = [r["perf/img_per_s"] for r in rows if "perf/img_per_s" in r]
     print(f"run            {run}")
     print(
-        f"val/auc        {best['val/auc']:.4f} (best, epoch {best['epoch']}; last {val[-1]['val/auc']:.4f})"
+        f"val/auc        {best['val/auc']:.4f} (best, epoch {best['epoch']}{_source(best)}; "
+        f"last {val[-1]['val/auc']:.4f})"
     )
     print(f"val/n          {int(best['val/n'])} images")
     if perf:

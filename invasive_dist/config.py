@@ -98,7 +98,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # BCE targets become y(1-s) + s/2
     clip_grad_norm: float = 0.0  # clip the global gradient norm (0 = measure only)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm when world_size > 1
-    ema_decay: float = 0.0  # exponential moving average of the weights (0 = off)
+    ema_decay: float = 0.0  # EMA of weights + BatchNorm stats (0 = off); epochs keep the better of raw/EMA
     mixup_alpha: float = 0.0  # mixup Beta(alpha, alpha) (0 = off)
     cutmix_alpha: float = 0.0  # cutmix Beta(alpha, alpha) (0 = off); with both, each batch picks one
     mix_prob: float = 1.0  # probability that a batch is mixed when mixup/cutmix is on

@@ -25,9 +25,19 @@ from .files import write_text
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC by the Mann-Whitney U statistic, ties counted as half. NaN if one class is absent."""
+    """ROC AUC by the Mann-Whitney U statistic, ties counted as half. NaN if one class is absent.
+
+    Non-finite scores are refused (UserError): NaN has no rank, and ranking it anyway gives a
+    number that looks like a result (all-NaN scores of 4 images gave 0.75)."""
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        raise UserError(
+            f"ROC AUC of non-finite scores: {int(bad.sum())} of {len(scores)} are NaN or infinite "
+            f"(the first at position {int(np.flatnonzero(bad)[0])}); the predictions are not usable: "
+            "check the model (a diverged run, an fp16 overflow) or the prediction file"
+        )
     n_pos = int(labels.sum())
     n_neg = len(labels) - n_pos
     if n_pos == 0 or n_neg == 0:

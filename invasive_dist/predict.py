@@ -114,7 +114,9 @@ def load_model_for_inference(cfg: Config, run_dir: Path, which: str) -> torch.nn
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.weights = None  # everything comes from the checkpoint; never download here
     model = build_model(model_cfg)
-    model.load_state_dict(state["ema"] if state.get("ema") else state["model"])
+    # The weights that validated better when the checkpoint was saved ("ema" or "model"); older
+    # checkpoints: the EMA when there is one.
+    model.load_state_dict(state[state.get("eval_weights") or ("ema" if state.get("ema") else "model")])
     return model.eval()
 
 

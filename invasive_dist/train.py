@@ -60,6 +60,33 @@ class NonFiniteError(UserError):
     pass
 
 
+def improves(auc: float, loss: float, best_auc: float, best_loss: float) -> bool:
+    """Whether a validation result beats the best so far: a higher AUC, or the same AUC with a lower
+    loss. AUC moves in steps of 1 / (positives x negatives) and saturates on an easy fold, so ties
+    are common (the demo's epochs 2 and 6 both scored 1.000, with val loss 0.216 and 0.031: the
+    later one is the better model). A non-finite AUC never improves; any finite one beats a best
+    that is unset (-1) or not finite (a checkpoint written before NaN was refused)."""
+    if not math.isfinite(auc):
+        return False
+    if not math.isfinite(best_auc) or best_auc < 0:
+        return True
+    return auc > best_auc or (auc == best_auc and math.isfinite(loss) and loss < best_loss)
+
+
+def val_metrics(result: EvalResult) -> dict[str, float]:
+    """``result.metrics("val")``, or NaN AUC and loss when some logits are not finite (diverged
+    weights, an fp16 overflow): the epoch is logged and can never be best."""
+    bad = ~np.isfinite(result.logits)
+    if not bad.any():
+        return result.metrics("val")
+    return {
+        "val/loss": math.nan,
+        "val/auc": math.nan,
+        "val/n": len(result.index),
+        "val/nonfinite": float(bad.sum()),
+    }
+
+
 def rng_state() -> dict:
     state = {
         "torch": torch.get_rng_state(),
@@ -213,7 +240,13 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
-        self.best_auc = -1.0
+        self.best_auc = -1.0  # -1: no finite validation result yet
+        self.best_loss = math.inf  # the best epoch's val/loss: breaks AUC ties
+        # With EMA on, each epoch scores the raw and the EMA weights and keeps the better ("raw" or
+        # "ema"): the source of the best epoch, and the pick of the latest validation (what the
+        # checkpoint's "eval_weights" names for predict and cv).
+        self.best_source = ""
+        self.eval_source = "ema" if self.ema else "raw"
         self.nonfinite_steps = 0
 
     # ------------------------------------------------------------------------------------------
@@ -232,6 +265,11 @@ class Trainer:
         return {
             "model": self.raw_model.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
+            "ema_updates": self.ema.updates if self.ema else 0,
+            # The state key of the weights that validated better at the latest epoch end: predict
+            # and cv score these (in best.pt, the weights of the best epoch).
+            "eval_weights": "ema" if self.ema and self.eval_source == "ema" else "model",
+            "best_source": self.best_source,
             "optimizer": self.inner_optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -240,6 +278,7 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "best_auc": self.best_auc,
+            "best_loss": self.best_loss,
             "nonfinite_steps": self.nonfinite_steps,
             "epochs_without_improvement": self.epochs_without_improvement,
             "world_size": self.shard.world,
@@ -261,7 +300,11 @@ class Trainer:
             )
         self.raw_model.load_state_dict(state["model"])
         if self.ema and state.get("ema"):
-            self.ema.load_state_dict(state["ema"])
+            # A checkpoint from before the count was saved: its EMA is past any warm-up.
+            self.ema.load_state_dict(state["ema"], state.get("ema_updates", state["global_step"]))
+        elif self.ema:
+            self.ema.reset(self.raw_model)  # EMA switched on now: it starts from the resumed weights
+            self.log(f"train.ema_decay={self.cfg.train.ema_decay}: the EMA starts from the resumed weights")
         self.inner_optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         scaler = getattr(self.acc, "scaler", None)
@@ -269,6 +312,9 @@ class Trainer:
             scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_auc = state["global_step"], state["best_auc"]
+        self.best_loss = state.get("best_loss", math.inf)
+        self.best_source = state.get("best_source", "")
+        self.eval_source = "ema" if state.get("eval_weights", "ema") == "ema" and self.ema else "raw"
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         self.epochs_without_improvement = state.get("epochs_without_improvement", 0)
         if state.get("global_batch") != self.global_batch:  # resolve_batch keeps it: a bug if not
@@ -293,18 +339,38 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> EvalResult:
-        """Score every sample of the validation split exactly once, across all ranks."""
+    def evaluate(self, model: nn.Module | None = None) -> EvalResult:
+        """Score every sample of the validation split exactly once, across all ranks, with
+        ``model`` (the raw model by default; ``self.ema.module`` for the EMA)."""
+        model = self.raw_model if model is None else model
         if self.shard.world > 1:
             # BatchNorm running statistics differ per rank after a step; the checkpoint holds rank
             # 0's. Score that model everywhere (DDP broadcasts rank 0's buffers at the next forward
             # anyway, so training is unaffected).
             with self._watch.waiting("a collective (BatchNorm buffer broadcast)"):
-                for module in (self.raw_model, self.ema.module if self.ema else None):
-                    for b in module.buffers() if module is not None else ():
-                        dist.broadcast(b, src=0)
-        model = self.ema.module if self.ema else self.raw_model
+                for b in model.buffers():
+                    dist.broadcast(b, src=0)
         return score(model, self.val_loader, self.acc, "validation", self._watch)
+
+    def validate(self) -> tuple[dict[str, float], str]:
+        """The epoch's validation metrics and the weights they come from ("raw" or "ema").
+
+        With EMA on, both the raw and the EMA weights are scored (``val/auc_raw``,
+        ``val/loss_raw``, ``val/auc_ema``, ``val/loss_ema``; ``val/ema`` 1 when the EMA's are kept)
+        and ``val/*`` are the better one's: a higher AUC, on a tie the lower loss, the EMA when
+        both are equal. A bad EMA (a decay too slow for the run) is visible and costs nothing."""
+        raw = val_metrics(self.evaluate(self.raw_model))
+        if self.ema is None:
+            return raw, "raw"
+        ema = val_metrics(self.evaluate(self.ema.module))
+        source = (
+            "raw" if improves(raw["val/auc"], raw["val/loss"], ema["val/auc"], ema["val/loss"]) else "ema"
+        )
+        out = dict(raw if source == "raw" else ema)
+        for name, m in (("raw", raw), ("ema", ema)):
+            out[f"val/auc_{name}"], out[f"val/loss_{name}"] = m["val/auc"], m["val/loss"]
+        out["val/ema"] = float(source == "ema")
+        return out, source
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
@@ -353,11 +419,13 @@ class Trainer:
                     if not finished:  # train.max_steps reached inside the epoch
                         self.save()
                         break
-                    val = self.evaluate().metrics()
+                    val, self.eval_source = self.validate()
                     val["perf/epoch_time_s"] = time.perf_counter() - t_epoch
-                    is_best = val["val/auc"] > self.best_auc or self.best_auc < 0
+                    is_best = improves(val["val/auc"], val["val/loss"], self.best_auc, self.best_loss)
+                    val["val/is_best"] = float(is_best)  # what `report` shows as best
                     if is_best:
-                        self.best_auc = val["val/auc"]
+                        self.best_auc, self.best_loss = val["val/auc"], val["val/loss"]
+                        self.best_source = self.eval_source
                         self.epochs_without_improvement = 0
                     else:
                         self.epochs_without_improvement += 1
@@ -366,9 +434,16 @@ class Trainer:
                     if writer:
                         writer.log(self.global_step, self.epoch, val)
                         writer.flush()
+                    both = (
+                        f" {self.eval_source} weights (raw {val['val/auc_raw']:.4f}/{val['val/loss_raw']:.4f}, "
+                        f"ema {val['val/auc_ema']:.4f}/{val['val/loss_ema']:.4f})"
+                        if self.ema
+                        else ""
+                    )
                     self.log(
                         f"epoch {self.epoch}/{cfg.train.epochs}: val/auc {val['val/auc']:.4f} "
-                        f"val/loss {val['val/loss']:.4f} (n={val['val/n']}) in {val['perf/epoch_time_s']:.1f}s; "
+                        f"val/loss {val['val/loss']:.4f} (n={val['val/n']}){both}{', best' if is_best else ''} "
+                        f"in {val['perf/epoch_time_s']:.1f}s; "
                         f"{time.strftime('%H:%M:%S')} ETA run {self._run_eta.line(self.global_step)}"
                     )
                     self.save(is_best=is_best)

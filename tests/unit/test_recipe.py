@@ -1,0 +1,88 @@
+"""The training recipe's parts that decide model quality: the EMA (warm-up, BatchNorm statistics,
+resume) and the random streams (per-rank, exact restore, the fold seed)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from invasive_dist.optim import EMA
+
+
+def bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+
+
+def float_state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items() if v.is_floating_point()}
+
+
+def test_ema_warms_up_as_the_mean_and_averages_batchnorm_statistics():
+    """After 3 updates with decay 0.99 the EMA is the mean of the 3 post-step states, running
+    statistics included: not ~the initial weights (no warm-up), and not the live model's running
+    statistics (copied onto averaged weights before)."""
+    model = bn_net()
+    ema = EMA(model, decay=0.99)
+    snapshots = []
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0 + step)
+            model[1].running_mean.fill_(10.0 * (step + 1))
+            model[1].num_batches_tracked.add_(1)
+        snapshots.append(float_state(model))
+        ema.update(model)
+    got = ema.module.state_dict()
+    for k in snapshots[0]:
+        mean = torch.stack([s[k] for s in snapshots]).mean(0)
+        torch.testing.assert_close(got[k], mean, msg=f"{k} is not the mean of the 3 states")
+    assert got["1.running_mean"].eq(20.0).all()  # (10 + 20 + 30) / 3; the live model holds 30
+    assert got["1.num_batches_tracked"].item() == 3  # counters are copied, not averaged
+
+
+def test_ema_reaches_its_nominal_decay_after_its_window():
+    ema = EMA(bn_net(), decay=0.995)
+    ema.updates = 0
+    assert ema.current_decay() == 0.0  # the first update copies the model
+    ema.updates = 199
+    assert ema.current_decay() == 0.995  # window 1 / (1 - 0.995) = 200 steps: the EMA from here on
+    ema.updates = 100
+    assert ema.current_decay() == 100 / 101
+
+
+def make_trainer(tiny_data, tmp_path, *extra: str):
+    from accelerate import Accelerator
+
+    from invasive_dist.config import load_config
+    from invasive_dist.distributed import WorldInfo
+    from invasive_dist.train import Trainer, build_parts
+
+    from ..conftest import FAST_TRAIN
+
+    over = [*FAST_TRAIN, f"data.root={tiny_data}", f"output.root={tmp_path}", "output.tensorboard=false"]
+    cfg = load_config(None, [*over, *extra])
+    acc, world = Accelerator(cpu=True), WorldInfo()
+    return Trainer(cfg, acc, world, build_parts(cfg, acc, world))
+
+
+def test_ema_switched_on_at_resume_starts_from_the_resumed_weights(tiny_data, tmp_path):
+    """A run trained without EMA, resumed with train.ema_decay: the EMA holds the checkpoint's
+    weights, not the new run's initial ones; with EMA on both sides its update count carries over."""
+    plain = make_trainer(tiny_data, tmp_path)
+    with torch.no_grad():
+        for p in plain.raw_model.parameters():
+            p.add_(0.5)  # "trained" weights, unlike any fresh build
+    state = plain.state_dict()
+    assert state["ema"] is None
+    with_ema = make_trainer(tiny_data, tmp_path, "train.ema_decay=0.9")
+    with_ema.load_state_dict(state)
+    ema = with_ema.ema.module.state_dict()
+    for k, v in state["model"].items():
+        assert torch.equal(ema[k], v), f"ema.{k} is not the resumed weight"
+    assert with_ema.ema.updates == 0
+
+    with_ema.ema.updates = 37
+    again = make_trainer(tiny_data, tmp_path, "train.ema_decay=0.9")
+    again.load_state_dict(with_ema.state_dict())
+    assert again.ema.updates == 37
