@@ -147,12 +147,17 @@ def mixed_run_problem(run_dir: Path, resume: str, cfg: Config | None = None) -> 
     diffs = resume_differences(raw if isinstance(raw, dict) else {}, cfg)
     if not diffs:
         return ""
-    what = "continue" if _has_checkpoint(run_dir) else "start again in"
+    if _has_checkpoint(run_dir):
+        return (
+            f"{saved} does not match this run's settings: {', '.join(diffs)}. A continued run keeps the "
+            f"settings it was trained with: continue it with those of {saved}, or start a new run with "
+            f"{new_name} (model.weights={run_dir}/checkpoints/best_weights.pt starts it from that run's "
+            "best weights)"
+        )
     return (
-        f"{saved} does not match this run's settings: {', '.join(diffs)}. A run keeps what it is "
-        f"trained with (resume=auto would {what} that run with other settings, mixing two runs in one "
-        f"folder). Resume with the settings in {saved}, or start a new run with {new_name} "
-        f"(model.weights={run_dir}/checkpoints/best_weights.pt starts it from that run's best weights)"
+        f"{run_dir} holds another run's files ({', '.join(found)}; no checkpoint to continue): its "
+        f"config.yaml does not match this run's settings: {', '.join(diffs)}. Start this run with "
+        f"{new_name}, or delete {run_dir}"
     )
 
 

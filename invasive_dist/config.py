@@ -209,7 +209,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, alt, where)
             except UserError:
                 pass
-        size = re.fullmatch(r"\s*(\d+)\s*[x*,]\s*(\d+)\s*", value) if isinstance(value, str) else None
+        size = re.fullmatch(r"\s*(\d+)\s*[xX*,]\s*(\d+)\s*", value) if isinstance(value, str) else None
         if size and list[int] in inner:  # data.image_size=128x96: a size written as synth --size takes it
             w, h = size.groups()
             raise UserError(
