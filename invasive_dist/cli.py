@@ -21,8 +21,12 @@ its parser to ``build_parser`` and its example to ``EXAMPLES``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
+import shlex
+import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -34,7 +38,7 @@ import yaml
 from . import __version__
 from .analysis import cmd_analyze, cv_report
 from .bench import cmd_bench
-from .checkpoint import refuse_mixed_run
+from .checkpoint import Checkpointer, refuse_mixed_run
 from .config import Config, describe, field_comments, load_config
 from .cv import cmd_cv
 from .data import BACKENDS
@@ -139,10 +143,26 @@ def cmd_eda(args) -> int:
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     acc, world = accelerator_from_env(cfg)
+    if args.config is None and acc.is_main_process:
+        print(
+            "no --config: training with the built-in defaults (invasive-dist config prints them; "
+            "configs/*.yaml are the shipped recipes)",
+            flush=True,
+        )
     # Refuse a second run into a run's folder before the data check and the model build (the
     # Trainer checks again); a restarted worker or requeued job resumes, as Trainer.fit does.
-    refuse_mixed_run(cfg.run_dir, resume_source(cfg, world), acc)
-    result = Trainer(cfg, acc, world, build_parts(cfg, acc, world)).fit()
+    refuse_mixed_run(cfg.run_dir, resume_source(cfg, world), acc, cfg)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, acc, world, build_parts(cfg, acc, world))
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        if acc.is_main_process:
+            step = None if trainer is None else trainer.global_step
+            print(
+                interrupted_line(cfg, args, step, launched=world.world_size > 1), file=sys.stderr, flush=True
+            )
+        raise
     if acc.is_main_process:
         if result.steps_run == 0 and result.epoch >= cfg.train.epochs:
             print(
@@ -164,6 +184,25 @@ def _best_row(val: list[dict]) -> dict:
 def _source(row: dict) -> str:
     """With EMA on (``val/ema`` logged): which weights the epoch's val/auc came from."""
     return "" if "val/ema" not in row else f", {'ema' if row['val/ema'] else 'raw'} weights"
+
+
+def interrupted_line(cfg: Config, args, step: int | None, launched: bool = False) -> str:
+    """What Ctrl-C left behind and the command that continues: one line."""
+    at = "before training started" if step is None else f"at step {step}"
+    newest = Checkpointer(cfg.run_dir / "checkpoints").newest()
+    if newest is None:
+        saved = "no checkpoint yet, the run starts again from step 0"
+    else:
+        path, saved_step = newest
+        redo = f", steps {saved_step + 1}-{step} will be trained again" if step and step > saved_step else ""
+        saved = f"the last checkpoint is {path} (step {saved_step}){redo}"
+    command = ["invasive-dist", "train", *(["--config", args.config] if args.config else [])]
+    command += [o for o in args.overrides if not o.startswith("resume=")] + ["resume=auto"]
+    how = "the same launcher and " if launched else ""
+    return (
+        f"interrupted (Ctrl-C) {at}, not saved: {saved}. Continue with {how}{shlex.join(command)} "
+        "(kill -TERM instead of Ctrl-C saves first)"
+    )
 
 
 def _best_line(run_dir: Path, epochs: int) -> str:
@@ -479,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `invasive-dist report | head`: the reader left; end quietly, as cat does
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 128 + signal.SIGPIPE
     except Preempted:
         return EXIT_PREEMPTED
     finally:

@@ -101,6 +101,8 @@ def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) 
 def load_model_for_inference(cfg: Config, run_dir: Path, which: str) -> torch.nn.Module:
     ckpt = Checkpointer(Path(run_dir) / "checkpoints")
     path = ckpt.best if which == "best" else ckpt.last
+    if which == "best" and not path.is_file() and ckpt.best_weights.is_file():
+        path = ckpt.best_weights  # a run trimmed to its best weights: the same model, weights only
     if not path.is_file():
         if which == "best" and ckpt.last.is_file():
             hint = f"the run has {ckpt.last.name} (no epoch validated yet?): use predict.checkpoint=last"

@@ -181,7 +181,8 @@ def build_parts(
         torch.backends.cudnn.benchmark = True  # input shapes are fixed: pick the fastest kernels
     ckpt = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep_last)
     resume = resume_source(cfg, world)
-    state = ckpt.load(resume)
+    # resume=auto skips a damaged checkpoint for the newest intact one (the main process says so).
+    resume_from, state = ckpt.load_resume(resume, quiet=not accelerator.is_main_process)
     plan = resolve_batch(cfg, accelerator.num_processes, state.get("global_batch") if state else None)
     faults = faults_from_env(
         accelerator.process_index, attempt=world.restart_count + world.slurm_restart_count
@@ -189,7 +190,6 @@ def build_parts(
     data = build_data(cfg, accelerator, plan, train=train_loader, val=val_loader, faults=faults)
     model, channels_last = build_model_on(cfg, plan.world, accelerator.device)
     opt = build_optimization(model, cfg.optim, cfg.train, plan.global_batch, data.steps_per_epoch)
-    resume_from = ckpt.resolve(resume) if state else None
     return Parts(plan, data, model, channels_last, opt, ckpt, faults, resume_from, state)
 
 
@@ -375,7 +375,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
         cfg = self.cfg
-        refuse_mixed_run(self.run_dir, resume_source(cfg, self.world), self.acc)  # one run per directory
+        refuse_mixed_run(self.run_dir, resume_source(cfg, self.world), self.acc, cfg)  # one run per directory
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # The resolved file holds the per-device batch this run used.
@@ -401,6 +401,11 @@ class Trainer:
             writer = MetricsWriter(
                 self.run_dir, cfg.output.tensorboard, resume_step=self.global_step if state else None
             )
+            if writer.set_aside:
+                self.log(
+                    f"no checkpoint to continue: {self.run_dir} starts again from step 0; what the earlier "
+                    f"attempt logged (metrics.jsonl, tb/) is now in {writer.set_aside}"
+                )
         self.log(
             f"{self.plan.describe()}; peak lr {self.peak_lr:g}; "
             f"{self.steps_per_epoch} steps/epoch; train {len(self.train_idx)} val {len(self.val_idx)} images; "
