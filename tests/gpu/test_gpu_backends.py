@@ -130,3 +130,17 @@ def test_gpu_cache_under_deterministic_algorithms(index):
     finally:
         torch.use_deterministic_algorithms(False)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_synthetic_epochs_do_not_sync_the_host(index):
+    """The epoch's plan goes to the device from pinned memory: an epoch start waits for nothing."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    for train in (True, False):
+        loader = make_loader("synthetic", index, cfg(), Shard(0, 1), dev, train, 0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call raises
+        try:
+            n = sum(1 for epoch in range(2) for _ in loader.iter_epoch(epoch))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert n == 2 * loader.steps_per_epoch
