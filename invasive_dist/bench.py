@@ -47,7 +47,8 @@ run's config figures, ``steps``/``warmup``/``windows``/``window_s``/``time_limit
 run did not reach and the folders that hold no bench.json.
 
 What this code has measured, on which device and with which command, is in docs/performance.md
-(tests/gpu_check.sh produces the GPU rows: one bench run per model and compile mode, then --summary).
+(tests/gpu_check.sh produces the GPU rows: one bench run per model and compile mode, most valuable
+first within a time budget, then --summary).
 """
 
 from __future__ import annotations

@@ -69,6 +69,7 @@ SIZE=${GPU_CHECK_SIZE:-1154x866}
 BUDGET=${GPU_CHECK_BUDGET_S:-420}
 PLAN=${GPU_CHECK_PLAN:-resnet50:eager:synthetic+gpu_cache+dali resnet50:compiled:synthetic+gpu_cache+dali+torch tests resnet18:eager:synthetic+gpu_cache+dali resnet18:compiled:synthetic+gpu_cache+dali}
 WINDOW_S=${GPU_CHECK_WINDOW_S:-1.5}
+DALI_PARTS=${GPU_CHECK_DALI_PARTS:-4} # the DALI wheel in parts, for machines without a registry
 SIMULATE=${GPU_CHECK_SIMULATE:-}
 read -r -a OVERRIDES <<<"${GPU_CHECK_OVERRIDES:-}"
 RESERVE=15 # seconds kept for the table (one python start that imports torch)
@@ -165,13 +166,13 @@ else
     if compgen -G '.dev/dali/p?' >/dev/null; then
         mkdir -p /tmp/dali-parts && cp -n .dev/dali/p? /tmp/dali-parts/
     fi
-    if [[ $(compgen -G '/tmp/dali-parts/p?' | wc -l) -ge 4 ]]; then
+    if [[ $(compgen -G '/tmp/dali-parts/p?' | wc -l) -ge $DALI_PARTS ]]; then
         export -f install_dali
         export PY
         step dali dali other bash -c install_dali
         export PYTHONPATH="$PYTHONPATH:/tmp/dali-site"
     elif compgen -G '/tmp/dali-parts/p?' >/dev/null; then
-        note dali "not yet: $(compgen -G '/tmp/dali-parts/p?' | wc -l) of the 4 wheel parts are here"
+        note dali "not yet: $(compgen -G '/tmp/dali-parts/p?' | wc -l) of the $DALI_PARTS wheel parts are here"
     else
         note dali "not available: nvidia.dali does not import (pip install nvidia-dali-cuda130); the dali rows will say so"
     fi
