@@ -2,7 +2,7 @@
 # The GPU check: everything in this project that needs a CUDA device, most valuable figures first, in
 # one time budget, a one-screen table last (docs/performance.md says what it will and will not produce).
 #
-#   bash tests/gpu_check.sh prepare          # DALI check and the bench data only (~25 s), no GPU work
+#   bash tests/gpu_check.sh prepare          # DALI, the bench data (~25 s) and the compile toolchain only
 #   bash tests/gpu_check.sh                  # the check (make gpu-check); prepares first if not yet done
 #   GPU_CHECK_DRY=1 bash tests/gpu_check.sh  # its logic on a CPU (make gpu-check-dry): tiny data, 64 px
 #
@@ -82,7 +82,13 @@ minimum_s() {
 cap_s() { case $1 in compiled) echo 260 ;; eager) echo 150 ;; tests) echo 120 ;; *) echo 90 ;; esac; }
 
 mkdir -p "$RES"
-rm -rf "$RES"/summary.txt "$RES"/steps.tsv "$RES"/pytest.log "$RES"/measured.txt "$RES"/bench-*
+STEPS=$RES/steps.tsv
+if [[ $MODE == prepare ]]; then # a previous check's results stay
+    STEPS=$RES/prepare.tsv
+    rm -f "$STEPS"
+else
+    rm -rf "$RES"/summary.txt "$STEPS" "$RES"/pytest.log "$RES"/measured.txt "$RES"/bench-*
+fi
 exec > >(tee -a "$RES/gpu_check.log") 2>&1
 
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -113,7 +119,7 @@ step() {
     ((left < 0)) && left=0
     if ((left < need)); then
         echo "== $name: CUT, ${left}s of the budget left, it needs >= ${need}s"
-        printf '%s\tCUT: not started, %ss of the budget left (needs >= %ss)\t0\n' "$name" "$left" "$need" >>"$RES/steps.tsv"
+        printf '%s\tCUT: not started, %ss of the budget left (needs >= %ss)\t0\n' "$name" "$left" "$need" >>"$STEPS"
         CUT+=("$key")
         return 1
     fi
@@ -135,13 +141,13 @@ step() {
         ;;
     *) status="FAILED (exit $rc)" ;;
     esac
-    printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - t0))" >>"$RES/steps.tsv"
+    printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - t0))" >>"$STEPS"
     echo "== $name: $status in $((SECONDS - t0))s"
     return "$rc"
 }
 note() { # note NAME STATUS: a step that ran no command
     echo "== $1: $2"
-    printf '%s\t%s\t0\n' "$1" "$2" >>"$RES/steps.tsv"
+    printf '%s\t%s\t0\n' "$1" "$2" >>"$STEPS"
 }
 
 echo "== GPU check ($MODE) of $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') on $(hostname 2>/dev/null || echo "?"), $(date -u +%FT%TZ), budget ${BUDGET}s"
@@ -187,11 +193,6 @@ else
         --seed 0 --workers "$(nproc)"
 fi
 
-if [[ $MODE == prepare ]]; then
-    echo "== prepared in ${SECONDS}s: $(cut -f1,2 "$RES/steps.tsv" | tr '\t\n' ': ' | sed 's/ $//')"
-    exit 0
-fi
-
 # toolchain: what torch.compile needs before its first kernel (Triton: a C compiler, as Triton picks
 # it, and Python.h of this interpreter; Inductor on a CPU: a C++ compiler too).
 toolchain_problem() {
@@ -210,6 +211,12 @@ if [[ -n $TOOLCHAIN ]]; then
     note toolchain "MISSING: $TOOLCHAIN; the compiled groups are not run"
 else
     note toolchain "ok (a C compiler and Python.h for Triton)"
+fi
+
+if [[ $MODE == prepare ]]; then
+    echo "== prepared in ${SECONDS}s: $(awk -F'\t' '{printf "%s%s: %s", (NR > 1 ? "; " : ""), $1, $2}' "$STEPS")"
+    grep -q $'\tFAILED' "$STEPS" && exit 1
+    exit 0
 fi
 
 # The plan. A bench item is one process per (model, compile mode), so a CUDA failure cannot take the
@@ -281,7 +288,7 @@ label() { echo "${1//:/ }"; }
             extra=$(grep -E '[0-9]+ (passed|failed|error|skipped)' "$RES/pytest.log" | tail -n 1 | sed -E 's/^=+ *| *=+$//g')
         fi
         echo "step $name: $status (${secs} s)${extra:+: $extra}"
-    done < <(cat "$RES/steps.tsv" 2>/dev/null)
+    done < <(cat "$STEPS" 2>/dev/null)
     if [[ -s $RES/measured.txt ]]; then
         echo
         echo "GPU tests' measured values (bounds nobody had measured):"
@@ -310,5 +317,5 @@ label() { echo "${1//:/ }"; }
 echo
 cat "$RES/summary.txt"
 echo "results in $RES (gpu_check.log, summary.txt, bench-*/bench.json, pytest.log, measured.txt)"
-grep -q $'\tFAILED' "$RES/steps.tsv" 2>/dev/null && exit 1
+grep -q $'\tFAILED' "$STEPS" 2>/dev/null && exit 1
 exit 0

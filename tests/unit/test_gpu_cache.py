@@ -203,7 +203,9 @@ def test_dali_decoder_names_a_file_it_cannot_decode(index, tmp_path):
     decoded one by one on the CPU, and the error names the broken one."""
     pytest.importorskip("nvidia.dali", reason="nvidia.dali does not import")
     broken = tmp_path / "broken.jpg"
-    broken.write_bytes(index.paths[3].read_bytes()[:200])  # a JPEG header, no image data
+    whole = index.paths[3].read_bytes()
+    broken.write_bytes(whole[: len(whole) // 2])  # headers intact (so sent to DALI), data cut short
+    assert not gpu_cache._needs_cpu_decode(broken, broken.read_bytes())
     paths = list(index.paths)
     paths[3] = broken
     bad = dataclasses.replace(index, paths=paths)
