@@ -44,8 +44,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format invasive_dist tests
 	$(VENV)/bin/ruff check --fix invasive_dist tests
 
-# On a GPU machine (python3 with torch; see docs/performance.md). gpu-prepare: DALI check and the
-# bench data only, before the check (no GPU work); gpu-check-dry: the check's CPU parts here.
+# On a GPU machine (python3 with torch; see docs/performance.md). gpu-prepare: the DALI and compiler
+# checks and the bench data only, before the check (no GPU work); gpu-check-dry: its logic on a CPU.
 gpu-prepare:
 	bash tests/gpu_check.sh prepare
 
