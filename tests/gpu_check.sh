@@ -99,8 +99,9 @@ STOPPED=() # items stopped at their limit
 
 # simulated KEY: the seconds GPU_CHECK_SIMULATE gives KEY (or *), empty if it runs for real.
 simulated() {
-    local item key secs star=""
-    for item in ${SIMULATE//,/ }; do
+    local item key secs star="" items
+    IFS=', ' read -r -a items <<<"$SIMULATE" # not a word split: * would glob
+    for item in "${items[@]}"; do
         key=${item%=*} secs=${item##*=}
         [[ $key == "$1" ]] && { echo "$secs"; return; }
         [[ $key == '*' ]] && star=$secs
