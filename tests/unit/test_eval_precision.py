@@ -29,7 +29,7 @@ class _Batches:
             yield Batch(x, (torch.arange(i, i + len(x)) % 2).float(), torch.arange(i, i + len(x)))
 
 
-def test_bf16_autocast_keeps_float32_logits():
+def test_bf16_autocast_keeps_float32_logits(fresh_accelerate_state):
     cfg = load_config(None, ["model.arch=resnet18", "data.image_size=32", "train.mixed_precision=bf16"])
     acc = build_accelerator(cfg, world_info_from_env())
     torch.manual_seed(0)
