@@ -22,12 +22,13 @@ writes for each fold. Plots are drawn with Pillow; no plotting library is needed
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 
 from .cv import fold_oof_for_run, oof_is_fresh, round_dir
-from .distributed import accelerator_from_env
+from .distributed import accelerator_from_env, decided_by_main, world_info_from_env
 from .errors import UserError
 from .files import write_json
 from .metrics import confusion, roc_auc, youden_threshold
@@ -153,7 +154,7 @@ def analyze_run(
             )
         oof = read_oof(path)
     else:
-        if not oof_is_fresh(run_dir):
+        if not decided_by_main(acc, partial(oof_is_fresh, run_dir)):
             oof = fold_oof_for_run(run_dir, acc, data_root=data_root)
         else:
             oof = read_oof(run_dir / "oof.csv")
@@ -168,7 +169,8 @@ def cmd_analyze(args) -> int:
     run_dir = Path(args.run)
     acc = None
     if not is_cv_dir(run_dir):
-        if not oof_is_fresh(run_dir):
+        # Under a launcher every rank builds the Accelerator (a collective) whatever it sees on disk.
+        if world_info_from_env().world_size > 1 or not oof_is_fresh(run_dir):
             cfg = load_run_config(run_dir)
             acc, _ = accelerator_from_env(cfg)
     summary = analyze_run(

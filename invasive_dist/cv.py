@@ -24,7 +24,9 @@ The CV directory is ``output.root/output.name``:
 Folds run one after another in one launch; under torchrun every rank takes part in every fold, each
 fold building its Trainer on the same Accelerator. A fold whose ``checkpoints/best.pt`` and
 ``oof.csv`` exist is skipped, so re-running the command after a crash or a preemption only does what
-is left; an unfinished fold continues from its ``last`` checkpoint (``resume=auto``).
+is left; an unfinished fold continues from its ``last`` checkpoint (``resume=auto``). What is finished
+is decided by the main process and broadcast (``distributed.decided_by_main``): on NFS the ranks'
+views of the files can differ for a while, and ranks that branch differently hang in collectives.
 
 Slurm arrays: a task that runs ``cv`` with ``--only-fold K`` (or ``data.fold=K
 output.name=NAME/foldK``) trains fold K and writes its oof.csv; the task that finds every fold
@@ -46,6 +48,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +57,7 @@ import torch
 
 from .build import Data, build_data, channels_last_on, resolve_batch
 from .config import Config, load_config, to_dict
-from .distributed import accelerator_from_env, build_accelerator, world_info_from_env
+from .distributed import accelerator_from_env, build_accelerator, decided_by_main, world_info_from_env
 from .errors import UserError
 from .files import atomic_write, write_json
 from .metrics import read_metrics, roc_auc
@@ -224,11 +227,11 @@ def fold_oof_for_run(run_dir: Path, acc=None, world=None, data_root: Path | None
     exactly the one the run validated on (same seed, folds and data check); only the validation
     loader is built (no optimizer, no training cache) and nothing is trained."""
     run_dir = Path(run_dir)
-    if not (run_dir / "checkpoints" / "best.pt").is_file():
-        raise UserError(f"{run_dir}/checkpoints/best.pt does not exist: the run has not finished an epoch")
     cfg = _cfg_for_existing_run(run_dir, data_root)
     world = world or world_info_from_env()
     acc = acc or build_accelerator(cfg, world)
+    if not decided_by_main(acc, (run_dir / "checkpoints" / "best.pt").is_file):
+        raise UserError(f"{run_dir}/checkpoints/best.pt does not exist: the run has not finished an epoch")
     data = build_data(cfg, acc, resolve_batch(cfg, acc.num_processes), train=False)
     try:
         return fold_oof(cfg, data, run_dir, acc)
@@ -248,13 +251,12 @@ def train_folds(base: Config, cv_name: str, folds: list[int], acc, world) -> lis
     for k in folds:
         cfg = fold_cfg(base, cv_name, k)
         run_dir = cfg.run_dir
-        acc.wait_for_everyone()  # every rank sees the same files before deciding
-        if oof_is_fresh(run_dir):
-            saved = load_run_config(run_dir)
-            diffs = config_differences(saved, cfg)
+        acc.wait_for_everyone()  # the previous fold's files are written before anyone decides
+        if decided_by_main(acc, partial(oof_is_fresh, run_dir)):
             _print(
                 acc, f"[cv] fold {k}/{n}: skipped (finished: {run_dir}/checkpoints/best.pt and oof.csv exist)"
             )
+            diffs = config_differences(load_run_config(run_dir), cfg) if acc.is_main_process else []
             if diffs:
                 _print(
                     acc,
@@ -284,11 +286,18 @@ def train_folds(base: Config, cv_name: str, folds: list[int], acc, world) -> lis
 
 
 def collect_folds(cv_dir: Path, n_folds: int, acc, world, data_root: Path | None = None) -> list[FoldStatus]:
-    """Score every fold of ``cv_dir`` that has a best checkpoint but no fresh oof.csv. Collective."""
+    """Score every fold of ``cv_dir`` that has a best checkpoint but no fresh oof.csv. Collective;
+    what is on disk is decided by the main process (:func:`decided_by_main`)."""
     found = {int(FOLD_DIR_RE.match(p.name).group(1)): p for p in fold_dirs(cv_dir)}
-    missing = [
-        k for k in range(n_folds) if k not in found or not (found[k] / "checkpoints" / "best.pt").is_file()
-    ]
+
+    def without_best() -> list[int]:
+        return [
+            k
+            for k in range(n_folds)
+            if k not in found or not (found[k] / "checkpoints" / "best.pt").is_file()
+        ]
+
+    missing = decided_by_main(acc, without_best)
     if missing:
         raise UserError(
             f"{cv_dir}: fold(s) {', '.join(map(str, missing))} of {n_folds} have no checkpoints/best.pt; "
@@ -296,9 +305,9 @@ def collect_folds(cv_dir: Path, n_folds: int, acc, world, data_root: Path | None
         )
     out = []
     for k in range(n_folds):
-        run_dir = found[k]
+        run_dir = cv_dir / f"fold{k}"
         acc.wait_for_everyone()
-        if oof_is_fresh(run_dir):
+        if decided_by_main(acc, partial(oof_is_fresh, run_dir)):
             out.append(FoldStatus(k, run_dir, "skipped"))
             continue
         cfg = load_run_config(run_dir)
@@ -314,8 +323,11 @@ def collect_folds(cv_dir: Path, n_folds: int, acc, world, data_root: Path | None
     return out
 
 
-def all_folds_finished(cv_dir: Path, n_folds: int) -> bool:
-    return all(oof_is_fresh(Path(cv_dir) / f"fold{k}") for k in range(n_folds))
+def unfinished_folds(cv_dir: Path, n_folds: int, acc=None) -> list[int]:
+    """The folds of ``cv_dir`` without a fresh oof.csv, as the main process sees them. Collective."""
+    return decided_by_main(
+        acc, lambda: [k for k in range(n_folds) if not oof_is_fresh(Path(cv_dir) / f"fold{k}")]
+    )
 
 
 def write_cv_files(cv_dir: Path, n_folds: int, round_no: int = 1) -> dict:
@@ -449,6 +461,19 @@ def pseudo_message(chosen: pd.DataFrame, n_test: int, low: float, high: float, o
     return msg
 
 
+def _no_rows(csv_path: Path) -> bool:
+    return len(pd.read_csv(csv_path)) == 0
+
+
+def pseudo_is_fresh(path: Path, rdir: Path) -> bool:
+    """``path`` exists and is not older than any fold's best checkpoint in ``rdir``."""
+    try:
+        bests = [p / "checkpoints" / "best.pt" for p in fold_dirs(rdir)]
+        return path.is_file() and all(path.stat().st_mtime >= b.stat().st_mtime for b in bests)
+    except OSError:
+        return False
+
+
 def write_pseudo_labels(cv_root: Path, r: int, data_root: Path, acc, low: float, high: float) -> Path:
     """Predict the test set with round ``r``'s fold ensemble (its ``submission.csv``) and write
     ``pseudo_round<r>.csv`` from the folds' mean probability (:func:`select_pseudo`). Kept if it is
@@ -456,8 +481,7 @@ def write_pseudo_labels(cv_root: Path, r: int, data_root: Path, acc, low: float,
     rdir = round_dir(cv_root, r)
     out = pseudo_path(cv_root, r)
     acc.wait_for_everyone()
-    bests = [p / "checkpoints" / "best.pt" for p in fold_dirs(rdir)]
-    if out.is_file() and all(out.stat().st_mtime >= b.stat().st_mtime for b in bests):
+    if decided_by_main(acc, lambda: pseudo_is_fresh(out, rdir)):
         _print(acc, f"[cv] pseudo-labels: kept {out} (newer than round {r}'s checkpoints)")
         return out
     sub_path = predict_run(rdir, data_root, acc, out=rdir / "submission.csv")
@@ -572,8 +596,8 @@ def cmd_cv(args) -> int:
         rdir = round_dir(cv_root, r)
         train_folds(base, name, folds, acc, world)
         acc.wait_for_everyone()
-        if not all_folds_finished(rdir, n):
-            left = [k for k in range(n) if not oof_is_fresh(rdir / f"fold{k}")]
+        left = unfinished_folds(rdir, n, acc)
+        if left:
             _print(
                 acc,
                 f"[cv] {n - len(left)} of {n} folds of {rdir} finished; left: {left}. The CV files are "
@@ -587,7 +611,7 @@ def cmd_cv(args) -> int:
             pseudo = write_pseudo_labels(
                 cv_root, r, Path(cfg.data.root), acc, args.pseudo_low, args.pseudo_high
             )
-            if len(pd.read_csv(pseudo)) == 0:
+            if decided_by_main(acc, partial(_no_rows, pseudo)):
                 _print(
                     acc,
                     f"[cv] no test image passed the thresholds in {pseudo}; stopping before round {r + 1}",

@@ -51,6 +51,7 @@ from .data import LoaderSpec, Shard, build_loader
 from .data.check import cached_check, check_data
 from .data.kaggle import DataIndex, read_name_csv, test_index
 from .data.transforms import image_hw
+from .distributed import decided_by_main
 from .errors import UserError
 from .evaluation import gather_unique
 from .files import atomic_write
@@ -414,7 +415,8 @@ def predict_run(
 
     Returns the submission path (``RUN/submission.csv`` unless ``out``); the main process writes it."""
     run_dir, data_root = Path(run_dir), Path(data_root)
-    members = fold_dirs(run_dir) if is_cv_dir(run_dir) else [run_dir]
+    # Which runs are members is read from the files once, by the main process (see decided_by_main).
+    members = decided_by_main(acc, lambda: fold_dirs(run_dir) if is_cv_dir(run_dir) else [run_dir])
     cfgs = [load_run_config(m, overrides) for m in members]
     for c in cfgs:
         c.data.root = str(data_root)
