@@ -87,11 +87,28 @@ def val_metrics(result: EvalResult) -> dict[str, float]:
     }
 
 
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed this rank's global random streams (torch on every device, Python, NumPy) for training,
+    once the model is built: its initial weights come from ``seed`` alone, identical on every rank,
+    while dropout and stochastic-depth masks must differ between ranks, as they would within one
+    large batch (with one seed, every GPU drew the same masks)."""
+    s = int(np.random.SeedSequence([seed, rank, 0x5EED]).generate_state(1, np.uint64)[0] >> 1)
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
 def rng_state() -> dict:
+    """This process's random states, whole: restored, they continue where they were."""
+    py_version, py_internal, py_gauss = random.getstate()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "python": list(py_internal),  # the 624 words and the position
+        "python_gauss": py_gauss,  # None, or the second of the last pair random.gauss() drew
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": int(pos),  # without it a restored stream restarts its 624-word block
+        "numpy_gauss": (int(has_gauss), float(cached_gaussian)),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -99,9 +116,14 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`. Checkpoints written before the NumPy position and cached
+    Gaussians were saved load too, with NumPy's stream at the start of a block (as they did)."""
     torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(state["python"]), state.get("python_gauss")))
+    has_gauss, cached = state.get("numpy_gauss", (0, 0.0))
+    np.random.set_state(
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), state.get("numpy_pos", 624), has_gauss, cached)
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -189,6 +211,7 @@ def build_parts(
     data = build_data(cfg, accelerator, plan, train=train_loader, val=val_loader, faults=faults)
     model, channels_last = build_model_on(cfg, plan.world, accelerator.device)
     opt = build_optimization(model, cfg.optim, cfg.train, plan.global_batch, data.steps_per_epoch)
+    seed_rank(cfg.seed, accelerator.process_index)  # a resume then restores the saved streams
     resume_from = ckpt.resolve(resume) if state else None
     return Parts(plan, data, model, channels_last, opt, ckpt, faults, resume_from, state)
 
