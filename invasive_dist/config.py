@@ -43,6 +43,7 @@ class DataConfig:
     labels_csv: str = "train_labels.csv"  # label file inside root (name,invasive)
     backend: Literal["auto", "torch", "dali", "gpu_cache", "synthetic"] = "torch"  # input pipeline
     n_folds: int = 5  # stratified folds of the train set
+    fold_seed: int | None = None  # seeds the folds (null = `seed`); set it to vary `seed` over fixed folds
     fold: int = 0  # the fold used for validation (0 <= fold < n_folds)
     limit: int = 0  # use only the first N labelled images (0 = all); for quick experiments
     image_size: int | list[int] = 224  # model input: one side (square) or [height, width]
@@ -146,7 +147,7 @@ class DistConfig:
 
 @dataclass
 class Config:
-    seed: int = 0  # seeds weights (same on all ranks), folds and the data order
+    seed: int = 0  # seeds weights (same on all ranks), data order, augmentation; folds unless data.fold_seed
     resume: str = ""  # "" (fresh), "auto" (continue from checkpoints/last if present) or a path
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -161,6 +162,11 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.output.root) / (self.output.name or "run")
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the fold split: ``data.fold_seed``, or ``seed`` when that is null."""
+        return self.seed if self.data.fold_seed is None else self.data.fold_seed
 
 
 # ----------------------------------------------------------------------------------------------

@@ -353,7 +353,8 @@ def write_cv_files(cv_dir: Path, n_folds: int, round_no: int = 1) -> dict:
         folds = sorted(dup[dup["name"] == first]["fold"].tolist())
         raise UserError(
             f"{cv_dir}: image {first!r} is in the validation fold of folds {folds}; the folds were "
-            "trained with different data.seed/n_folds/limit settings: retrain them with one config"
+            "trained with different seed/data.fold_seed/data.n_folds/data.limit settings: retrain them with "
+            "one config"
         )
     key = oof["name"].map(lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
     oof = oof.iloc[np.argsort(key.to_numpy(), kind="mergesort")].reset_index(drop=True)

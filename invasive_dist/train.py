@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from accelerate.utils import get_grad_scaler
 from torch import nn
 from torch.profiler import record_function
 
@@ -58,6 +59,22 @@ from .watchdog import NO_WATCHDOG, StopFlag, Watchdog
 
 class NonFiniteError(UserError):
     pass
+
+
+# fp16 with train.nonfinite=stop: a loss scale below this means the gradients overflow fp16 even
+# unscaled. Overflow steps are routine while the GradScaler finds its scale (it halves the scale and
+# skips the step); a scale that keeps halving (from 65536: 17 skipped steps with no recovery) is a
+# diverged run, which the stop rule reports.
+FP16_MIN_SCALE = 1.0
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of ``grads``, leaving them alone (``get_total_norm``: torch >= 2.6)."""
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def improves(auc: float, loss: float, best_auc: float, best_loss: float) -> bool:
@@ -87,11 +104,28 @@ def val_metrics(result: EvalResult) -> dict[str, float]:
     }
 
 
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed this rank's global random streams (torch on every device, Python, NumPy) for training,
+    once the model is built: its initial weights come from ``seed`` alone, identical on every rank,
+    while dropout and stochastic-depth masks must differ between ranks, as they would within one
+    large batch (with one seed, every GPU drew the same masks)."""
+    s = int(np.random.SeedSequence([seed, rank, 0x5EED]).generate_state(1, np.uint64)[0] >> 1)
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
 def rng_state() -> dict:
+    """This process's random states, whole: restored, they continue where they were."""
+    py_version, py_internal, py_gauss = random.getstate()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "python": list(py_internal),  # the 624 words and the position
+        "python_gauss": py_gauss,  # None, or the second of the last pair random.gauss() drew
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": int(pos),  # without it a restored stream restarts its 624-word block
+        "numpy_gauss": (int(has_gauss), float(cached_gaussian)),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -99,9 +133,14 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`. Checkpoints written before the NumPy position and cached
+    Gaussians were saved load too, with NumPy's stream at the start of a block (as they did)."""
     torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(state["python"]), state.get("python_gauss")))
+    has_gauss, cached = state.get("numpy_gauss", (0, 0.0))
+    np.random.set_state(
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), state.get("numpy_pos", 624), has_gauss, cached)
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -190,6 +229,7 @@ def build_parts(
     data = build_data(cfg, accelerator, plan, train=train_loader, val=val_loader, faults=faults)
     model, channels_last = build_model_on(cfg, plan.world, accelerator.device)
     opt = build_optimization(model, cfg.optim, cfg.train, plan.global_batch, data.steps_per_epoch)
+    seed_rank(cfg.seed, accelerator.process_index)  # a resume then restores the saved streams
     return Parts(plan, data, model, channels_last, opt, ckpt, faults, resume_from, state)
 
 
@@ -219,6 +259,15 @@ class Trainer:
         self.scheduler = parts.opt.scheduler
         # The scheduler is stepped by us once per optimizer step, not prepared by Accelerate
         # (which would step it once per process).
+        if getattr(accelerator, "scaler", None) is not None:
+            # fp16: a fresh GradScaler for each Trainer. The Accelerator owns the scaler and outlives
+            # a Trainer (cv trains every fold with one): fold k would start from fold k-1's loss
+            # scale and growth count. Made as Accelerate makes it (with its GradScalerKwargs, if any).
+            handler = getattr(accelerator, "scaler_handler", None)
+            accelerator.scaler = get_grad_scaler(
+                accelerator.distributed_type, **(handler.to_kwargs() if handler is not None else {})
+            )
+        self.scaler = getattr(accelerator, "scaler", None)  # None unless fp16
         self.model, self.optimizer = accelerator.prepare(parts.model, parts.opt.optimizer)
         self.inner_optimizer = parts.opt.optimizer
         if cfg.train.compile:
@@ -235,8 +284,6 @@ class Trainer:
         )
         self.epochs_without_improvement = 0
         self._max_norm = cfg.train.clip_grad_norm if cfg.train.clip_grad_norm > 0 else float("inf")
-        # fp16's GradScaler skips non-finite steps itself; otherwise the fused optimizer does.
-        self._use_found_inf = getattr(accelerator, "scaler", None) is None
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -488,16 +535,25 @@ class Trainer:
                     acc.backward(loss / accum)
             loss_sum += loss.detach()
         with record_function("optimizer"):
-            gnorm = acc.clip_grad_norm_(model.parameters(), self._max_norm)
+            if self._max_norm < math.inf:
+                gnorm = acc.clip_grad_norm_(model.parameters(), self._max_norm)
+            else:
+                # Clipping off: measure only (clip_grad_norm_(inf) would multiply every gradient by
+                # 1). Under fp16 the gradients are unscaled first, as clip_grad_norm_ does.
+                acc.unscale_gradients(self.optimizer)
+                gnorm = total_norm([p.grad for p in model.parameters() if p.grad is not None])
             gnorm = gnorm.detach().float() if torch.is_tensor(gnorm) else torch.tensor(float(gnorm))
-            if self._use_found_inf:
+            if self.scaler is None:
                 bad = (~torch.isfinite(gnorm)).float()
                 self.inner_optimizer.found_inf = bad
                 self.inner_optimizer.grad_scale = None
             else:
-                # fp16: GradScaler skips overflow steps and lowers its scale; routine, not a fault.
-                bad = torch.zeros((), device=self.device)
+                scale_before = self.scaler._scale.clone()  # set by the first backward's scale()
             self.optimizer.step()
+            if self.scaler is not None:
+                # fp16: the GradScaler skipped this step (gradients overflowed) iff it lowered its
+                # scale; compared on the device, read once per log interval.
+                bad = (self.scaler._scale < scale_before).float()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema:
@@ -557,10 +613,11 @@ class Trainer:
     def _log_interval(self, writer, timer, loss_sum, gnorm_sum, nonfinite, n) -> None:
         """The interval's one device sync: reduce across ranks, read, log."""
         acc = self.acc
-        packed = torch.stack([loss_sum / n, gnorm_sum, nonfinite])
+        scale = self.scaler._scale.float() if self.scaler is not None else torch.zeros((), device=self.device)
+        packed = torch.stack([loss_sum / n, gnorm_sum, nonfinite, scale.to(loss_sum.device)])
         with self._watch.waiting("a collective (the log interval's reduce)"):
             packed = acc.reduce(packed, reduction="mean")
-            loss, gsum, bad = packed.tolist()  # <- the sync
+            loss, gsum, bad, scale = packed.tolist()  # <- the sync
         bad_steps = int(round(bad))
         good = max(n - bad_steps, 1)
         perf = timer.read(self.shard.world)
@@ -571,14 +628,32 @@ class Trainer:
             "perf/max_mem_bytes": float(max_memory_bytes(self.device)),
             **perf,
         }
-        if bad_steps:
+        stop = self.cfg.train.nonfinite == "stop"
+        if self.scaler is not None:
+            metrics["train/loss_scale"] = scale
+            if bad_steps:
+                self.nonfinite_steps += bad_steps
+                metrics["train/nonfinite_steps"] = float(self.nonfinite_steps)
+                self.log(
+                    f"fp16: the loss scaler skipped {bad_steps} overflow step(s) (total {self.nonfinite_steps}); "
+                    f"loss scale now {scale:g}"
+                )
+            if stop and scale < FP16_MIN_SCALE:
+                raise NonFiniteError(
+                    f"fp16 loss scale fell to {scale:g} by step {self.global_step}: the gradients are not finite "
+                    f"even unscaled (each overflow halves the scale and skips the step; "
+                    f"{self.nonfinite_steps} skipped so far). No bad update was applied and {self.ckpt.last} "
+                    "holds the last saved state. Lower optim.lr, use train.mixed_precision=bf16 on GPUs "
+                    "that have it, or set train.nonfinite=skip"
+                )
+        elif bad_steps:
             self.nonfinite_steps += bad_steps
             metrics["train/nonfinite_steps"] = float(self.nonfinite_steps)
-            if self.cfg.train.nonfinite == "stop":
+            if stop:
                 raise NonFiniteError(
                     f"non-finite loss or gradients at step {self.global_step} (within the last {n} steps); "
                     f"the update was not applied and {self.ckpt.last} still holds the last good state. "
-                    "Lower optim.lr, use train.mixed_precision=bf16 instead of fp16, or set train.nonfinite=skip"
+                    "Lower optim.lr, set train.clip_grad_norm (e.g. 1.0), or set train.nonfinite=skip"
                 )
             self.log(f"skipped {bad_steps} step(s) with non-finite gradients (total {self.nonfinite_steps})")
         if writer:
