@@ -17,7 +17,9 @@ What it is made of, and why each piece:
   ``build.build_model_on`` moves them.
 - ``Checks``, a dispatch mode above it, sees every aten call and raises :class:`HostSync` for the
   calls that wait for the GPU (``.item()``, ``.tolist()``, ``if tensor``, ``nonzero``, a copy to the
-  host, a host-to-device copy of pageable memory with ``non_blocking``), :class:`WrongDevice` for a
+  host, a host-to-device copy of pageable memory or without ``non_blocking``), :class:`WrongDtype` for
+  float64 on the device in a hot loop and for mixed dtypes handed to the kernels that take one
+  (matmul, convolution, index_put: torch's fake kernels do not check it), :class:`WrongDevice` for a
   CPU tensor (other than a 0-dim scalar) handed to an op on the GPU, and :class:`FusedArgError` for a
   fused optimizer's arguments that the CUDA kernel would refuse or misread (the checks of
   ``check_fast_path_restrictions`` and the ``found_inf``/``grad_scale`` pointers it dereferences as
@@ -105,6 +107,28 @@ SYNC_OPS = {
     aten.repeat_interleave.Tensor: "has a data-dependent shape (repeat_interleave with tensor repeats)",
 }
 COPIES = {aten._to_copy.default, aten.copy_.default, aten.copy.default}
+# Ops whose CUDA kernels take one floating dtype for all their floating operands (no type
+# promotion), where torch's fake kernels do not check it (measured on torch 2.14: mm, linear,
+# convolution and index_put accept mixed dtypes on fake tensors).
+SAME_DTYPE = {
+    aten.mm,
+    aten.bmm,
+    aten.addmm,
+    aten.baddbmm,
+    aten.addmv,
+    aten.mv,
+    aten.dot,
+    aten.convolution,
+    aten._convolution,
+    aten.cudnn_convolution,
+    aten.index_put_,
+    aten.index_put,
+    aten._index_put_impl_,
+    aten.index_copy_,
+    aten.index_add_,
+    aten.scatter_add_,
+    aten.masked_scatter_,
+}
 FUSED = {aten._fused_adamw_.default, aten._fused_adam_.default, aten._fused_sgd_.default}
 for name in ("tensor_lr",):  # the overloads with a tensor learning rate, where this torch has them
     for op in (aten._fused_adamw_, aten._fused_adam_, aten._fused_sgd_):
@@ -161,9 +185,17 @@ class Checks(TorchDispatchMode):
             return None  # _fused_sgd_ has no fake kernel; it returns nothing
         if self.hot:
             self._check_sync(func, args, kwargs)
+            self._check_float64(func, args, kwargs)
             first = next(_tensors(list(args)), None)
             self.seen[(str(func.overloadpacket), first.dtype if first is not None else None)] += 1
         self._check_devices(func, args, kwargs)
+        if func.overloadpacket in SAME_DTYPE:
+            dtypes = {t.dtype for t in _tensors(list(args) + list(kwargs.values())) if t.is_floating_point()}
+            if len(dtypes) > 1:
+                raise WrongDtype(
+                    f"{func}: operands of dtypes {sorted(map(str, dtypes))}; the CUDA kernel takes one "
+                    "(outside autocast nothing casts them)"
+                )
         return func(*args, **kwargs)
 
     def is_pinned(self, t: torch.Tensor) -> bool:
@@ -198,6 +230,14 @@ class Checks(TorchDispatchMode):
                         f"{self.hot}: a host-to-device copy {_desc(src)} without non_blocking=True waits "
                         "for the GPU's queue"
                     )
+
+    def _check_float64(self, func, args, kwargs) -> None:
+        for t in _tensors(list(args) + list(kwargs.values())):
+            if t.device.type == "cuda" and t.dtype == torch.float64:
+                raise WrongDtype(
+                    f"{self.hot}: {func} on a float64 tensor {_desc(t)}: float64 runs at a small fraction "
+                    "of float32's speed on GPUs (a float64 constant or numpy value turned into a tensor?)"
+                )
 
     def _check_devices(self, func, args, kwargs) -> None:
         if func in COPIES:
@@ -457,7 +497,7 @@ class CudaStandin:
 @contextlib.contextmanager
 def cuda_standin() -> Iterator[CudaStandin]:
     """The stand-in (module docstring); everything it patches is restored on exit."""
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     from invasive_dist.data import base
 
@@ -482,7 +522,12 @@ def cuda_standin() -> Iterator[CudaStandin]:
         warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
         for p in patches:
             stack.enter_context(p)
-        stack.callback(AcceleratorState._reset_state, True)
+        # Accelerate's state is process-wide: what other tests made is put back as it was.
+        for cls in (PartialState, AcceleratorState, GradientState):
+            saved = dict(cls._shared_state)
+            stack.callback(
+                lambda cls=cls, saved=saved: (cls._shared_state.clear(), cls._shared_state.update(saved))
+            )
         stack.callback(lambda: (base._MEAN_STD.clear(), base._MEAN_STD.update(saved_mean_std)))
         stack.enter_context(mode)
         stack.enter_context(checks)

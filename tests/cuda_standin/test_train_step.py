@@ -196,6 +196,16 @@ def test_planted_float64_fails(standin, small_trainer):
             run_steps(standin, small_trainer)
 
 
+def test_planted_dtype_mismatch_fails(standin, small_trainer):
+    """A mixing step outside autocast that mixes the float32 targets with a bf16 mixing matrix:
+    the CUDA matmul refuses the pair, and so does the stand-in."""
+    b = small_trainer.plan.per_device
+    mix = torch.empty((b, b), dtype=torch.bfloat16, device=standin.device)
+    small_trainer.mixer = lambda images, target, step: (images, torch.mm(mix, target[:, None]).squeeze(1))
+    with pytest.raises(WrongDtype, match="aten.mm"):
+        run_steps(standin, small_trainer)
+
+
 def test_planted_host_found_inf_fails(standin, small_trainer):
     """A gradient norm returned on the host makes the non-finite flag a host tensor, which torch's
     fused AdamW copies to the device from pageable memory at every step."""
