@@ -25,7 +25,8 @@ What it is made of, and why each piece:
   ``check_fast_path_restrictions`` and the ``found_inf``/``grad_scale`` pointers it dereferences as
   float32 on the device). It also stands in for ``pin_memory``, which has no fake kernel.
 - ``autocast("cuda")`` turns itself off when CUDA is absent: its availability check is patched,
-  so the forward runs under bf16 autocast as on a GPU (and a dtype mismatch inside it raises).
+  so the forward runs under bf16 autocast as on a GPU (the tests assert that the convolutions ran
+  in bf16).
 - Backward: the autograd engine asks the CUDA driver for the streams of device 0 before it runs a
   graph with CUDA nodes, which a machine without a driver cannot answer. ``backward`` is therefore
   replaced by a walk of the real autograd graph: every node's inputs must be on ``cuda:0`` (a CPU
@@ -36,9 +37,11 @@ What it is made of, and why each piece:
   small stand-ins that check their tensor and device; ``torch.cuda.synchronize`` and the streams'
   and events' ``synchronize`` are host syncs inside :meth:`CudaStandin.hot_loop`.
 
-Supported: torch's CUDA builds (the default wheels on Linux) on a machine without a GPU. A
-CPU-only build of torch registers no CUDA device guard, so ``.to("cuda")`` fails there: the lane
-skips with that reason (:func:`unsupported`). Anything else that fails to set up fails the tests.
+Supported: torch's CUDA builds (the default wheels on Linux) on a machine without a GPU (measured
+with torch 2.14.1+cu130). In a CPU-only build the fake mode installs no CUDA device guard, and
+``.to("cuda")``, ``copy_`` and indexing of fake CUDA tensors fail (seen with torch 2.13 in issue 22):
+the lane skips there, and where a GPU is present, with the reason (:func:`unsupported`). Anything
+else that fails to set up fails the tests: a lane that checks nothing must not pass.
 """
 
 from __future__ import annotations
