@@ -15,7 +15,7 @@ from invasive_dist.data.base import LoaderSpec
 from invasive_dist.data.kaggle import split
 
 from .conftest import BENCH
-from .standin import Event, HostSync, current_stream
+from .standin import Event, current_stream
 
 
 def spec(cfg, index, device, train: bool) -> LoaderSpec:
@@ -73,12 +73,6 @@ def test_gpu_cache_batches(standin, tiny_data, tmp_path, size):
         assert_device_batch(standin, b, len(plan), hw)
 
 
-@pytest.mark.xfail(
-    raises=HostSync,
-    strict=True,
-    reason="issue 22 section 3: the synthetic backend copies each epoch's plan to the device from "
-    "pageable memory, blocking (remove this mark when it pins and copies with non_blocking)",
-)
 def test_synthetic_epoch_start(standin, tiny_data, tmp_path):
     from invasive_dist.build import checked_index
     from invasive_dist.config import load_config
