@@ -4,7 +4,9 @@ values a bf16 output can take."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from invasive_dist.config import load_config
 from invasive_dist.data.base import Batch
@@ -29,7 +31,15 @@ class _Batches:
             yield Batch(x, (torch.arange(i, i + len(x)) % 2).float(), torch.arange(i, i + len(x)))
 
 
-def test_bf16_autocast_keeps_float32_logits():
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one precision per process: the other tests' Accelerators use "no"."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_autocast_keeps_float32_logits(fresh_accelerate_state):
     cfg = load_config(None, ["model.arch=resnet18", "data.image_size=32", "train.mixed_precision=bf16"])
     acc = build_accelerator(cfg, world_info_from_env())
     torch.manual_seed(0)
