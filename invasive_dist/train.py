@@ -471,8 +471,11 @@ class Trainer:
                     if not finished:  # train.max_steps reached inside the epoch
                         self.save()
                         break
+                    t_val = time.perf_counter()
                     val, self.eval_source = self.validate()
-                    val["perf/epoch_time_s"] = time.perf_counter() - t_epoch
+                    t_end = time.perf_counter()
+                    val["perf/train_time_s"], val["perf/val_time_s"] = t_val - t_epoch, t_end - t_val
+                    val["perf/epoch_time_s"] = t_end - t_epoch
                     is_best = improves(val["val/auc"], val["val/loss"], self.best_auc, self.best_loss)
                     val["val/is_best"] = float(is_best)  # what `report` shows as best
                     if is_best:
@@ -494,8 +497,8 @@ class Trainer:
                     )
                     self.log(
                         f"epoch {self.epoch}/{cfg.train.epochs}: val/auc {val['val/auc']:.4f} "
-                        f"val/loss {val['val/loss']:.4f} (n={val['val/n']}){both}{', best' if is_best else ''} "
-                        f"in {val['perf/epoch_time_s']:.1f}s; "
+                        f"val/loss {val['val/loss']:.4f} (n={val['val/n']}){both}{', best' if is_best else ''}; "
+                        f"train {val['perf/train_time_s']:.1f}s + val {val['perf/val_time_s']:.1f}s; "
                         f"{time.strftime('%H:%M:%S')} ETA run {self._run_eta.line(self.global_step)}"
                     )
                     self.save(is_best=is_best)

@@ -3,6 +3,7 @@ resume from `last`, and bit-exact resume on CPU."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -229,7 +230,13 @@ def test_raw_and_ema_both_scored_and_the_better_one_kept(tmp_path, tiny_data, mo
     monkeypatch.setattr(train_mod.Trainer, "evaluate", scripted_evaluate)
     rc, run = train(tmp_path, tiny_data, "ema", "train.epochs=1", "train.ema_decay=0.9")
     assert rc == 0
-    assert "raw weights (raw 1.0000/" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # The epoch line: the chosen weights, both scores, and its time split into training and validation.
+    assert re.search(
+        r"epoch 1/1: val/auc 1.0000 .* raw weights \(raw 1.0000/[\d.]+, ema 0.0000/[\d.]+\), best; "
+        r"train [\d.]+s \+ val [\d.]+s;",
+        out,
+    ), out
     (row,) = [r for r in read_metrics(run) if "val/auc" in r]
     assert (row["val/auc"], row["val/auc_raw"], row["val/auc_ema"], row["val/ema"]) == (1.0, 1.0, 0.0, 0.0)
     assert row["val/loss"] == row["val/loss_raw"] < row["val/loss_ema"]

@@ -43,6 +43,21 @@ def test_ema_warms_up_as_the_mean_and_averages_batchnorm_statistics():
     assert got["1.num_batches_tracked"].item() == 3  # counters are copied, not averaged
 
 
+def test_ema_update_reads_nothing_on_the_host(monkeypatch):
+    """The update runs after every optimizer step: no tensor read on the host (a device sync on
+    CUDA), as swa_utils.AveragedModel.update_parameters does with its step count."""
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("EMA.update read a tensor on the host")
+
+    model = bn_net()
+    ema = EMA(model, decay=0.99)
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    for _ in range(3):
+        ema.update(model)
+
+
 def test_ema_reaches_its_nominal_decay_after_its_window():
     ema = EMA(bn_net(), decay=0.995)
     ema.updates = 0
