@@ -2,15 +2,16 @@
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep_last=2)
     ckpt.save(state, step=1200, is_best=True)       # main process only
-    state = ckpt.load("auto")                        # None when there is nothing to resume
+    path, state = ckpt.load_resume("auto")           # (None, None) when there is nothing to resume
 
 Layout: ``step-00001200.pt`` (the newest ``keep_last`` are kept), ``last.pt`` (a hard link to the
-newest step file), ``best.pt`` and ``best_weights.pt`` (only the chosen weights of the best model, EMA
-when kept, with the config that rebuilds it: ``model.weights=`` and ``predict`` read it; a ResNet-18's
-is 45 MB where a step file with AdamW and EMA is 180 MB). Every file (and link) is written to a temp name, fsynced, then
-renamed (``files.atomic_write`` with ``durable=True``), so a crash in the middle of a write leaves the
-previous checkpoint intact and a partial file is never picked up: temp files (``.<name>.<pid>.tmp``)
-never match a checkpoint name, and the next save deletes them. Loading uses ``weights_only=True``:
+newest step file), ``best.pt`` and ``best_weights.pt`` (only the chosen weights of the best model,
+EMA when kept, with the config that rebuilds it: ``model.weights=`` and ``predict`` read it; a
+ResNet-18's is 45 MB where a step file with AdamW and EMA is 180 MB). Every file (and link) is
+written to a temp name, fsynced, then renamed (``files.atomic_write`` with ``durable=True``), so a
+crash in the middle of a write leaves the previous checkpoint intact and a partial file is never
+picked up: temp files (``.<name>.<pid>.tmp``) never match a checkpoint name, and the next save
+deletes them. Loading uses ``weights_only=True``:
 the state may hold only tensors, containers and plain Python values.
 
 Resume (``resume=auto``, and every torchrun restart or Slurm requeue): ``last.pt``, then the step
@@ -151,8 +152,7 @@ def mixed_run_problem(run_dir: Path, resume: str, cfg: Config | None = None) -> 
         return (
             f"{saved} does not match this run's settings: {', '.join(diffs)}. A continued run keeps the "
             f"settings it was trained with: continue it with those of {saved}, or start a new run with "
-            f"{new_name} (model.weights={run_dir}/checkpoints/best_weights.pt starts it from that run's "
-            "best weights)"
+            f"{new_name} (model.weights={run_dir}/checkpoints/last.pt starts it from that run's weights)"
         )
     return (
         f"{run_dir} holds another run's files ({', '.join(found)}; no checkpoint to continue): its "

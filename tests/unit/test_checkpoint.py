@@ -156,6 +156,15 @@ def test_best_weights_hold_only_the_chosen_weights_and_rebuild_the_model(tmp_pat
     rebuilt = build_model(ModelConfig(arch="resnet18", weights=str(c.best_weights)))
     for k, v in rebuilt.state_dict().items():
         assert torch.equal(v, ema.state_dict()[k]), k  # the EMA weights, as predict uses them
+    # A finished run trimmed to its best weights still predicts with the same model.
+    from invasive_dist.config import Config
+    from invasive_dist.predict import load_model_for_inference
+
+    for p in [c.best, c.last, *c.step_files()]:
+        p.unlink()
+    kept = load_model_for_inference(Config(model=ModelConfig(arch="resnet18")), tmp_path, "best")
+    for k, v in kept.state_dict().items():
+        assert torch.equal(v, ema.state_dict()[k]), k
 
 
 def test_resume_auto_refuses_another_runs_folder_without_a_checkpoint(tmp_path):
