@@ -273,10 +273,9 @@ class Checkpointer:
 
 
 def weights_only(state: dict) -> dict:
-    """The part of a training state that rebuilds the model: the chosen weights (EMA when kept),
-    the config, and where they came from. ``model.weights=`` and ``predict`` read it."""
-    ema = state.get("ema")
+    """The part of a training state that rebuilds the model: the weights that validated better
+    (``eval_weights``: raw or EMA; older checkpoints: the EMA when kept), the config, and where they
+    came from. ``model.weights=`` and ``predict`` read it."""
+    which = state.get("eval_weights") or ("ema" if state.get("ema") else "model")
     keys = ("config", "epoch", "global_step", "best_auc")
-    return {"model": ema if ema else state["model"], "weights": "ema" if ema else "model"} | {
-        k: state[k] for k in keys if k in state
-    }
+    return {"model": state[which], "weights": which} | {k: state[k] for k in keys if k in state}

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from invasive_dist.checkpoint import Checkpointer, atomic_torch_save, load_checkpoint
+from invasive_dist.checkpoint import Checkpointer, atomic_torch_save, load_checkpoint, weights_only
 from invasive_dist.errors import UserError
 
 
@@ -188,3 +188,13 @@ def test_resume_auto_refuses_another_runs_folder_without_a_checkpoint(tmp_path):
         None, ["model.arch=resnet34", "train.epochs=9", "dist.timeout_s=60", "data.backend=auto"]
     )
     assert mixed_run_problem(run, "auto", same) == ""
+
+
+def test_best_weights_are_the_weights_that_validated_better():
+    """best_weights.pt holds what predict would score from best.pt: the raw weights when they
+    beat the EMA (``eval_weights``), the EMA in checkpoints older than that key."""
+    raw, ema = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+    assert weights_only({"model": raw, "ema": ema, "eval_weights": "model"})["model"] is raw
+    assert weights_only({"model": raw, "ema": ema, "eval_weights": "ema"})["model"] is ema
+    assert weights_only({"model": raw, "ema": ema})["model"] is ema
+    assert weights_only({"model": raw, "ema": None})["weights"] == "model"
