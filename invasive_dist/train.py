@@ -405,7 +405,8 @@ class Trainer:
         With EMA on, both the raw and the EMA weights are scored (``val/auc_raw``,
         ``val/loss_raw``, ``val/auc_ema``, ``val/loss_ema``; ``val/ema`` 1 when the EMA's are kept)
         and ``val/*`` are the better one's: a higher AUC, on a tie the lower loss, the EMA when
-        both are equal. A bad EMA (a decay too slow for the run) is visible and costs nothing."""
+        both are equal. A bad EMA (a decay too slow for the run) shows and cannot lower the result;
+        the price is a second pass over the validation fold."""
         raw = val_metrics(self.evaluate(self.raw_model))
         if self.ema is None:
             return raw, "raw"

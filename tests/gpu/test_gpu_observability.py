@@ -31,6 +31,8 @@ pytestmark = [
         pytest.param([], id="plain"),
         pytest.param(["train.mixup_alpha=0.2"], id="mixup"),  # the permutation is copied to the device
         pytest.param(["train.cutmix_alpha=1.0"], id="cutmix"),
+        pytest.param(["train.ema_decay=0.99"], id="ema"),  # foreach kernels, the update count on the host
+        pytest.param(["train.mixed_precision=fp16"], id="fp16"),  # skips found from the scale, on the device
     ],
 )
 def test_cuda_train_step_does_not_sync(tiny_data, tmp_path, fresh_accelerate_state, extra):
@@ -59,7 +61,9 @@ def test_cuda_train_step_does_not_sync(tiny_data, tmp_path, fresh_accelerate_sta
             loss, gnorm, bad = trainer.train_step(lambda: next(batches))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert loss.is_cuda and gnorm.is_cuda and bad.is_cuda and bad.item() == 0
+    assert loss.is_cuda and gnorm.is_cuda and bad.is_cuda
+    if "train.mixed_precision=fp16" not in extra:  # fp16's first steps may overflow while the scale settles
+        assert bad.item() == 0
 
 
 def test_cuda_trace_has_kernels_and_ranges(tiny_data, tmp_path, fresh_accelerate_state):
