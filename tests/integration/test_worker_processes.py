@@ -173,7 +173,7 @@ def test_script_from_stdin_is_refused_before_workers_start(tmp_path, tiny_data):
 
 @pytest.mark.slow
 def test_guarded_script_trains(tmp_path, tiny_data):
-    """The documented form (README, "From Python") trains with the default workers."""
+    """The documented form (README.md, under "Commands") trains with the default workers."""
     script = tmp_path / "my_train.py"
     script.write_text(_script(tmp_path, tiny_data, guarded=True))
     r = _run_python([str(script)], None, tmp_path)
