@@ -482,9 +482,9 @@ WEDGE_BOUND = 30  # s: dist.timeout_s of the wedge tests; covers the workers' st
 
 @pytest.mark.slow
 def test_data_worker_that_sleeps_forever_ends_the_job_with_rank_and_stack(root, tiny_data):
-    """A DataLoader worker of rank 1 sleeps forever at the start of epoch 2 (its 17th sample:
-    epoch 1 gives worker 0 two batches of 8). Rank 1 waits for that batch; past the bound it ends
-    with a message naming rank 1, the data wait and the Python stacks; torchrun ends rank 0 and
+    """A DataLoader worker of rank 1 sleeps forever at the start of epoch 2 (its 13th sample:
+    every step gives worker 0 a unit of 4 samples, its 4th unit is epoch 2's first batch, decoded
+    while epoch 1 ends). Rank 1 waits for that batch; past the bound it ends with a message naming rank 1, the data wait and the Python stacks; torchrun ends rank 0 and
     the sleeping worker (a worker ends WORKER_SIGNAL_GRACE_S after a SIGTERM). The last checkpoint
     (step 3) loads."""
     t0 = time.monotonic()
@@ -494,7 +494,7 @@ def test_data_worker_that_sleeps_forever_ends_the_job_with_rank_and_stack(root, 
         f"dist.timeout_s={WEDGE_BOUND}",
         "data.torch.num_workers=2",
         data=tiny_data,
-        fault="data_hang@17:1",
+        fault="data_hang@13:1",
     )
     rc, out = run.finish(timeout=300)
     elapsed = time.monotonic() - t0

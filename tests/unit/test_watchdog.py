@@ -19,16 +19,17 @@ from invasive_dist.config import DataConfig
 from invasive_dist.data.base import Shard
 from invasive_dist.data.kaggle import train_index
 from invasive_dist.data.torch_backend import TorchConfig, TorchLoader
+from invasive_dist.faults import Faults
 
 from ..conftest import ROOT
 from ..loaders import make_loader
 
 
-def _loader(tiny_data, workers: int, rank: int = 1) -> TorchLoader:
+def _loader(tiny_data, workers: int, rank: int = 1, **spec) -> TorchLoader:
     # workers: the demo's 2 unless 0
     d = DataConfig(image_size=32, batch_size=8, torch=TorchConfig(num_workers=workers))
     index = train_index(tiny_data, d.labels_csv, 0)
-    return make_loader("torch", index, d, Shard(rank, 2), torch.device("cpu"), True, seed=3)
+    return make_loader("torch", index, d, Shard(rank, 2), torch.device("cpu"), True, seed=3, **spec)
 
 
 def _epoch(loader: TorchLoader, epoch: int, start: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -56,6 +57,52 @@ def test_persistent_workers_give_the_batches_of_no_workers_and_start_once(tiny_d
         par.close()
 
 
+class _Tally(Faults):
+    """Appends a worker's pid to ``path`` for every sample it decodes (the decoding workers' hook)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def data_item(self) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def _decoded(path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def test_workers_decode_the_next_epoch_while_the_last_batches_are_used(tiny_data, tmp_path):
+    """Every worker decodes a part of every batch, and after an epoch's last batch the workers are
+    already decoding the next epoch's first ones (what the evaluation between epochs used to leave
+    idle), with the batches of no workers and one stream for the whole run."""
+    tally = tmp_path / "decoded"
+    epochs = 3
+    loader = _loader(tiny_data, 2, epochs=epochs, faults=_Tally(str(tally)))
+    ref = _loader(tiny_data, 0)
+    try:
+        steps, batch = loader.steps_per_epoch, loader.batch
+        got = _epoch(loader, 0)
+        one_epoch = steps * batch
+        deadline = time.monotonic() + 60
+        while len(_decoded(tally)) <= one_epoch and time.monotonic() < deadline:
+            time.sleep(0.1)  # nothing asks for a batch now, as during an evaluation
+        assert len(_decoded(tally)) > one_epoch, "the workers did not go on into the next epoch"
+        for step in range(steps):
+            units = loader.plan.units(0, step)
+            assert len(units) == 2 and all(len(u.positions) == batch // 2 for u in units)
+        got += _epoch(loader, 1) + _epoch(loader, 2)
+        want = [b for e in range(epochs) for b in _epoch(ref, e)]
+        assert len(got) == len(want) == epochs * steps
+        for (gx, gi), (wx, wi) in zip(got, want):
+            np.testing.assert_array_equal(gx, wx)
+            np.testing.assert_array_equal(gi, wi)
+        assert (loader.restarts, loader.wasted) == (1, 0), "the run's batches came from one stream"
+        assert len(_decoded(tally)) == epochs * one_epoch, "the stream went past the last epoch"
+    finally:
+        loader.close()
+
+
 def test_a_worker_serves_its_rank_through_a_sigterm_then_ends_by_itself(tiny_data, monkeypatch):
     """The trainer turns SIGTERM into a flag; its workers must not inherit that and live on, nor die
     at once (Slurm and torchrun signal them together with the trainer, which still needs a batch or
@@ -80,8 +127,8 @@ def test_a_worker_serves_its_rank_through_a_sigterm_then_ends_by_itself(tiny_dat
             os.kill(w.pid, signal.SIGTERM)
         rest = list(it)  # the epoch's remaining batches still arrive
         assert len(got) + len(rest) == loader.steps_per_epoch
-        # They were in flight before the signal (prefetch 4 per worker); the next epoch's batches
-        # are asked for after it: the workers still serve.
+        # Units in flight before the signal (4 per worker, also of the next epoch); the rest of
+        # the next epoch is asked for after it: the workers still serve.
         assert len(list(loader.iter_epoch(1))) == loader.steps_per_epoch
         served = time.monotonic() - t0
         assert all(w.is_alive() for w in workers), f"a worker died within {served:.1f} s of the signal"
