@@ -374,6 +374,9 @@ class Trainer:
                     self.save(is_best=is_best)
                     if self._max_steps_reached():
                         break
+        except RuntimeError as e:  # e.g. a lost peer: cli.main names the step it happened at
+            e.global_step = self.global_step
+            raise
         finally:
             self._stop.close()  # also closes the watchdog
             self._watch = NO_WATCHDOG
