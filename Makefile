@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA ?= data/synthetic
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint format clean-demo gpu-check gpu-check-dry
+.PHONY: demo test test-fast lint format clean-demo gpu-prepare gpu-check gpu-check-dry
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,7 +44,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format invasive_dist tests
 	$(VENV)/bin/ruff check --fix invasive_dist tests
 
-# On a GPU machine (python3 with torch; see docs/performance.md). gpu-check-dry: its CPU parts here.
+# On a GPU machine (python3 with torch; see docs/performance.md). gpu-prepare: the DALI and compiler
+# checks and the bench data only, before the check (no GPU work); gpu-check-dry: its logic on a CPU.
+gpu-prepare:
+	bash tests/gpu_check.sh prepare
+
 gpu-check:
 	bash tests/gpu_check.sh
 

@@ -10,7 +10,8 @@ Writes into ``RUN/analysis/`` (or ``--out``):
     confusion.png   2x2 confusion matrix at the threshold (default 0.5; ``youden`` picks the one
                     that maximises Youden's J = TPR - FPR on these predictions, an optimistic choice)
     wrong.png       the most confidently wrong validation images (misclassified at the threshold,
-                    sorted by |label - probability|), captioned with name, label and probability
+                    sorted by how far their logit is on the wrong side), captioned with name, label
+                    and probability
     analysis.json   AUC, threshold, counts, and the names of the images in wrong.png
 
 A single run's validation predictions are computed once (best checkpoint, EMA weights if present,
@@ -20,19 +21,21 @@ writes for each fold. Plots are drawn with Pillow; no plotting library is needed
 
 from __future__ import annotations
 
+import json
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 
-from .cv import fold_oof_for_run, oof_is_fresh
-from .distributed import accelerator_from_env
+from .cv import fold_oof_for_run, oof_is_fresh, round_dir
+from .distributed import accelerator_from_env, decided_by_main, world_info_from_env
 from .errors import UserError
 from .files import write_json
 from .metrics import confusion, roc_auc, youden_threshold
 from .plots import draw_confusion, draw_roc, image_grid, roc_curves_for
-from .predict import is_cv_dir, load_run_config
+from .predict import fold_dirs, is_cv_dir, load_run_config
 
-__all__ = ["analyze_predictions", "analyze_run", "cmd_analyze"]
+__all__ = ["analyze_predictions", "analyze_run", "cmd_analyze", "cv_report"]
 
 WRONG = (214, 39, 40)  # red: the frame and probability of a misclassified image
 
@@ -69,18 +72,23 @@ def analyze_predictions(
     n_wrong: int = 16,
     title: str = "",
 ) -> dict:
-    """Write roc.png, confusion.png, wrong.png and analysis.json for rows of name,label,probability[,fold]."""
+    """Write roc.png, confusion.png, wrong.png and analysis.json for rows of
+    name,label,probability[,fold][,logit]. The AUC and the order of wrong.png come from the logits
+    when the rows have them (oof.csv files since the logit column): their order is the model's."""
     out_dir = Path(out_dir)
     labels, probs = oof["label"].to_numpy(), oof["probability"].to_numpy()
+    scores = oof["logit"].to_numpy() if "logit" in oof else probs
     thr = parse_threshold(threshold)
     thr_value = youden_threshold(labels, probs) if thr == "youden" else float(thr)
-    auc = roc_auc(labels, probs)
+    auc = roc_auc(labels, scores)
     draw_roc(roc_curves_for(oof), out_dir / "roc.png", title=f"ROC {title}".strip())
     counts = confusion(labels, probs, thr_value)
     how = "Youden's J" if thr == "youden" else "fixed"
     draw_confusion(counts, thr_value, out_dir / "confusion.png", title=f"{title} ({how} threshold)".strip())
     wrong = oof[(probs >= thr_value) != labels.astype(bool)].copy()
-    wrong["error"] = (wrong["label"] - wrong["probability"]).abs()
+    # How far on the wrong side: the logit (or probability) against the label's sign.
+    sign = 1.0 - 2.0 * wrong["label"].to_numpy()
+    wrong["error"] = sign * (wrong["logit"] if "logit" in wrong else wrong["probability"] - 0.5)
     wrong = wrong.sort_values("error", ascending=False, kind="mergesort")
     shown = wrong.head(n_wrong)
     image_grid(
@@ -146,7 +154,7 @@ def analyze_run(
             )
         oof = read_oof(path)
     else:
-        if not oof_is_fresh(run_dir):
+        if not decided_by_main(acc, partial(oof_is_fresh, run_dir)):
             oof = fold_oof_for_run(run_dir, acc, data_root=data_root)
         else:
             oof = read_oof(run_dir / "oof.csv")
@@ -161,7 +169,8 @@ def cmd_analyze(args) -> int:
     run_dir = Path(args.run)
     acc = None
     if not is_cv_dir(run_dir):
-        if not oof_is_fresh(run_dir):
+        # Under a launcher every rank builds the Accelerator (a collective) whatever it sees on disk.
+        if world_info_from_env().world_size > 1 or not oof_is_fresh(run_dir):
             cfg = load_run_config(run_dir)
             acc, _ = accelerator_from_env(cfg)
     summary = analyze_run(
@@ -182,3 +191,78 @@ def cmd_analyze(args) -> int:
         )
         print(f"wrote {out}/roc.png, confusion.png, wrong.png, analysis.json")
     return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# `invasive-dist report` on a CV directory
+
+
+def hidden_test_auc(data_root: Path, submission: Path) -> float | None:
+    """The AUC of ``submission`` against a synthetic set's ``test_labels_hidden.csv`` (None when
+    either is missing or they do not list the same images)."""
+    try:
+        truth = pd.read_csv(Path(data_root) / "test_labels_hidden.csv", dtype={"name": str})
+        sub = pd.read_csv(submission, dtype={"name": str})
+        merged = truth.merge(sub, on="name", suffixes=("_true", "_pred"))
+    except (OSError, KeyError, ValueError):
+        return None
+    if len(merged) != len(truth) or len(merged) != len(sub):
+        return None
+    return roc_auc(merged["invasive_true"].to_numpy(), merged["invasive_pred"].to_numpy())
+
+
+def cv_report(cv_dir: Path) -> str:
+    """`invasive-dist report` of a CV directory: each round's fold AUCs and OOF AUC (from its
+    cv.json), and the fold ensemble's test AUC where the test labels are known (a synthetic set)."""
+    cv_dir = Path(cv_dir)
+    data_root = Path(load_run_config(cv_dir).data.root)
+    lines = [f"cv             {cv_dir}"]
+    r = 1
+    while r == 1 or (round_dir(cv_dir, r) / "cv.json").is_file() or fold_dirs(round_dir(cv_dir, r)):
+        rdir = round_dir(cv_dir, r)
+        tag = "" if r == 1 else f" (round {r}: {rdir.name}/)"
+        try:
+            summary = json.loads((rdir / "cv.json").read_text())
+        except (OSError, ValueError):
+            summary = None
+        if summary is None:
+            if r == 1:
+                raise UserError(
+                    f"{rdir}/cv.json is missing or unreadable: the folds are not all finished, or their "
+                    f"CV files were not written; `invasive-dist cv --collect --run-dir {rdir}` writes them"
+                )
+            lines.append(f"round {r}        {rdir}: no cv.json yet (cv --collect --run-dir {rdir})")
+            r += 1
+            continue
+        folds = summary["folds"]
+        logged = [f["best_val_auc"] for f in folds if f.get("best_val_auc") is not None]
+        lines.append(
+            f"fold AUCs      {_aucs(folds)} "
+            f"(mean {summary['fold_auc_mean']:.4f} +- {summary['fold_auc_std']:.4f}; tta {summary['tta']}){tag}"
+        )
+        if logged:
+            lines.append(
+                f"best val/auc   {', '.join(f'{a:.4f}' for a in logged)} (logged in training, no TTA)"
+            )
+        lines.append(f"OOF AUC        {summary['oof_auc']:.4f} over {summary['n_images']} images{tag}")
+        sub = rdir / "submission.csv"
+        auc = hidden_test_auc(data_root, sub)
+        if auc is not None:
+            lines.append(
+                f"test auc       {auc:.4f} ({sub.name}: the fold ensemble, scored with the synthetic "
+                f"set's hidden labels){tag}"
+            )
+        elif not sub.is_file():
+            lines.append(
+                f"submission     {sub}  (missing: invasive-dist predict --run-dir {rdir} --data {data_root})"
+            )
+        r += 1
+    for label, rel in [("oof", "oof.csv"), ("cv.json", "cv.json"), ("roc", "roc.png")]:
+        path = cv_dir / rel
+        lines.append(f"{label:<14} {path}{'' if path.exists() else '  (missing)'}")
+    lines.append(f"view curves:   tensorboard --logdir {cv_dir}")
+    return "\n".join(lines)
+
+
+def _aucs(folds: list[dict]) -> str:
+    return ", ".join(f"{f['auc']:.4f}" for f in folds)

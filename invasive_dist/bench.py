@@ -39,7 +39,7 @@ run's config figures, ``steps``/``warmup``/``windows``/``window_s``/``time_limit
 ``backends``), ``hardware``, ``model`` (a figure), ``model_img_per_s``, ``rows`` (per backend: ``backend``,
 ``resolved``, ``input`` and ``e2e`` (figures), ``input_img_per_s``, ``e2e_img_per_s``,
 ``model_img_per_s``, ``bound``, ``e2e_over_min``, ``serial_img_per_s``, ``peak_mem_bytes``,
-``setup_s``, ``seconds``, gpu_cache's ``cache_*``, and ``error``: None, the failure, or with
+``setup_s``, ``seconds``, gpu_cache's ``cache_*`` (``cache_decoder``: dali mixed, torchvision nvjpeg, ...), and ``error``: None, the failure, or with
 ``skipped`` why it was not run), ``failed`` and ``finished`` (false until the end). A figure:
 ``img_per_s`` (the median), ``spread``, the windows' summed ``seconds``/``steps``/``images``/
 ``cpu_seconds``, and ``windows`` (each window's own). The table printed at the end is
@@ -47,7 +47,8 @@ run's config figures, ``steps``/``warmup``/``windows``/``window_s``/``time_limit
 run did not reach and the folders that hold no bench.json.
 
 What this code has measured, on which device and with which command, is in docs/performance.md
-(tests/gpu_check.sh produces the GPU rows: one bench run per model and compile mode, then --summary).
+(tests/gpu_check.sh produces the GPU rows: one bench run per model and compile mode, most valuable
+first within a time budget, then --summary).
 """
 
 from __future__ import annotations
@@ -356,6 +357,8 @@ def _row_line(label: str, r: dict) -> str:
         note += f"; poor overlap (serial would be {_fmt(r['serial_img_per_s'])})"
     if "cache_build_s" in r:
         note += f"; cache {r['cache_bytes'] / 2**30:.2f} GiB built in {r['cache_build_s']:.1f} s"
+        if r.get("cache_decoder"):
+            note += f" ({r['cache_decoder']})"
     return (
         f"{lead} {_fmt(r['input_img_per_s']):>10} {_fmt(r['model_img_per_s']):>8} "
         f"{_fmt(r['e2e_img_per_s']):>8} {r['e2e_over_min']:>7.2f} {spread:>6.1%} "

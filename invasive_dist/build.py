@@ -171,7 +171,7 @@ def build_data(
     asked for. Collective (the data check). ``faults``: the run's fault hooks (tests)."""
     d = cfg.data
     full = checked_index(cfg, acc)
-    train_idx, val_idx = split(full, d.n_folds, d.fold, cfg.seed)
+    train_idx, val_idx = split(full, d.n_folds, d.fold, cfg.split_seed)
     if d.pseudo_csv:
         # Pseudo-labelled test images join the training folds, never the validation fold.
         train_idx = train_idx.concat(pseudo_index(Path(d.root), Path(d.pseudo_csv)))

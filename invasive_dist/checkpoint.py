@@ -5,27 +5,39 @@
     state = ckpt.load("auto")                        # None when there is nothing to resume
 
 Layout: ``step-00001200.pt`` (the newest ``keep_last`` are kept), ``last.pt`` (a hard link to the
-newest step file), ``best.pt``. Every file (and link) is written to a temp name, fsynced, then
+newest step file), ``best.pt`` and ``best_weights.pt`` (only the chosen weights of the best model, EMA
+when kept, with the config that rebuilds it: ``model.weights=`` and ``predict`` read it; a ResNet-18's
+is 45 MB where a step file with AdamW and EMA is 180 MB). Every file (and link) is written to a temp name, fsynced, then
 renamed (``files.atomic_write`` with ``durable=True``), so a crash in the middle of a write leaves the
 previous checkpoint intact and a partial file is never picked up: temp files (``.<name>.<pid>.tmp``)
 never match a checkpoint name, and the next save deletes them. Loading uses ``weights_only=True``:
 the state may hold only tensors, containers and plain Python values.
 
+Resume (``resume=auto``, and every torchrun restart or Slurm requeue): ``last.pt``, then the step
+files newest first; a file that does not load (truncated by a full disk, cut short by a copy) is
+skipped with a warning naming it and why, and the newest intact one is continued from.
+
 One run per directory: a fresh run (``resume=''``) into a folder that already holds a run's
 checkpoints, metrics or TensorBoard events refuses to start (:func:`refuse_mixed_run`) and offers
-``resume=auto`` or a new ``output.name``, the way ``git clone`` refuses a non-empty folder; otherwise
-the second run's steps 1..N would follow the first's in ``metrics.jsonl`` and ``tb/``.
+a new ``output.name`` (and ``resume=auto`` when there is a checkpoint to continue), the way ``git
+clone`` refuses a non-empty folder; otherwise the second run's steps 1..N would follow the first's
+in ``metrics.jsonl`` and ``tb/``. A continued run (``resume=auto`` or a path) into a folder whose
+``config.yaml`` differs from its settings in a key that changes what is trained
+(``config.resume_differences``) is refused too, naming the keys.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import broadcast_object_list
 
+from .config import Config, resume_differences, yaml_load
 from .errors import UserError
 from .files import atomic_link, atomic_write, remove_stale_temps
 
@@ -42,16 +54,33 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: _torch_save(obj, tmp), durable=True)
 
 
-def load_checkpoint(path: Path) -> dict:
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def load_checkpoint(path: Path, hint: str = "") -> dict:
+    """The state in ``path``; a UserError naming the file (and ``hint``, what to do) if it does not load."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
     except Exception as e:
         raise UserError(
-            f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); it may be "
-            "truncated or from another program; delete it to fall back to an older one"
+            f"checkpoint {path} cannot be loaded ({_first_line(e)}); it may be truncated (a full "
+            f"disk, a copy cut short) or from another program{'; ' + hint if hint else ''}"
         ) from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def run_outputs(run_dir: Path) -> list[str]:
@@ -78,25 +107,67 @@ def _free_name(run_dir: Path) -> str:
     return f"{run_dir.name}-new"
 
 
-def mixed_run_problem(run_dir: Path, resume: str) -> str:
-    """'' when a run may start in ``run_dir`` with ``resume``, else what to do instead."""
-    if resume:
-        return ""  # continuing (auto) or starting from a named checkpoint: the user chose this folder
+def _has_checkpoint(run_dir: Path) -> bool:
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints")
+    return ckpt.last.is_file() or bool(ckpt.step_files())
+
+
+def mixed_run_problem(run_dir: Path, resume: str, cfg: Config | None = None) -> str:
+    """'' when a run may start in ``run_dir`` with ``resume`` (and settings ``cfg``), else what to
+    do instead."""
+    run_dir = Path(run_dir)
     found = run_outputs(run_dir)
     if not found:
         return ""
+    new_name = f"output.name={_free_name(run_dir)}"
+    if not resume:
+        if _has_checkpoint(run_dir):
+            todo = f"Continue that run with resume=auto, start a new one with {new_name}"
+        else:  # nothing to continue: resume=auto would only start it again
+            todo = f"It has no checkpoint to continue. Start a new run with {new_name}"
+        return (
+            f"{run_dir} already holds a run ({', '.join(found)}); a fresh run there would mix with it. "
+            f"{todo}, or delete {run_dir}"
+        )
+    if cfg is None:
+        return ""
+    saved = run_dir / "config.yaml"
+    try:
+        raw = yaml_load(saved.read_text()) if saved.is_file() else None
+    except Exception:  # unreadable: the checkpoint's own checks (model keys, global batch) remain
+        raw = {}
+    if raw is None:
+        if _has_checkpoint(run_dir):
+            return ""  # a folder from before config.yaml was written first: the checkpoint decides
+        return (
+            f"{run_dir} holds files of a run ({', '.join(found)}) but no config.yaml and no checkpoint: "
+            f"nothing to continue, and no way to tell whose they are. Start a new run with {new_name}, "
+            f"or delete {run_dir}"
+        )
+    diffs = resume_differences(raw if isinstance(raw, dict) else {}, cfg)
+    if not diffs:
+        return ""
+    if _has_checkpoint(run_dir):
+        return (
+            f"{saved} does not match this run's settings: {', '.join(diffs)}. A continued run keeps the "
+            f"settings it was trained with: continue it with those of {saved}, or start a new run with "
+            f"{new_name} (model.weights={run_dir}/checkpoints/best_weights.pt starts it from that run's "
+            "best weights)"
+        )
     return (
-        f"{run_dir} already holds a run ({', '.join(found)}); a fresh run there would mix with it. "
-        f"Continue that run with resume=auto, start a new one with output.name={_free_name(run_dir)}, "
-        f"or delete {run_dir}"
+        f"{run_dir} holds another run's files ({', '.join(found)}; no checkpoint to continue): its "
+        f"config.yaml does not match this run's settings: {', '.join(diffs)}. Start this run with "
+        f"{new_name}, or delete {run_dir}"
     )
 
 
-def refuse_mixed_run(run_dir: Path, resume: str, accelerator=None) -> None:
-    """Raise UserError on every rank when the main process finds another run in ``run_dir``.
+def refuse_mixed_run(run_dir: Path, resume: str, accelerator=None, cfg: Config | None = None) -> None:
+    """Raise UserError on every rank when the main process finds another run in ``run_dir`` (or,
+    with ``cfg``, a run with other settings).
 
     The main process decides and broadcasts, so ranks agree even while it creates the run's files."""
-    problem = [mixed_run_problem(run_dir, resume)]
+    is_main = accelerator is None or accelerator.is_main_process
+    problem = [mixed_run_problem(run_dir, resume, cfg) if is_main else ""]
     if accelerator is not None and accelerator.num_processes > 1:
         broadcast_object_list(problem, from_process=0)
     if problem[0]:
@@ -116,6 +187,10 @@ class Checkpointer:
     def best(self) -> Path:
         return self.dir / "best.pt"
 
+    @property
+    def best_weights(self) -> Path:
+        return self.dir / "best_weights.pt"
+
     def step_files(self) -> list[Path]:
         if not self.dir.is_dir():
             return []
@@ -128,22 +203,80 @@ class Checkpointer:
         atomic_link(path, self.last, durable=True)
         if is_best:
             atomic_link(path, self.best, durable=True)
+            atomic_torch_save(weights_only(state), self.best_weights)
         for old in self.step_files()[: -self.keep_last]:
             old.unlink(missing_ok=True)
         remove_stale_temps(self.dir)  # leftovers of a crash in an earlier write
         return path
+
+    def newest(self) -> tuple[Path, int] | None:
+        """(``last.pt`` or the newest step file, its step) by name, without loading; None if none."""
+        steps = self.step_files()
+        if not steps:
+            return None
+        step = int(_STEP_RE.match(steps[-1].name).group(1))
+        return (self.last if _same_file(self.last, steps[-1]) else steps[-1]), step
+
+    def candidates(self) -> list[tuple[Path, str]]:
+        """What ``resume=auto`` tries, in order: ``last.pt``, then the step files newest first; each
+        file once (``last.pt`` is a hard link to the newest step file). Pairs (path, its name in a
+        message)."""
+        steps = self.step_files()[::-1]
+        out: list[tuple[Path, str]] = []
+        if self.last.is_file():
+            alias = next((p for p in steps if _same_file(self.last, p)), None)
+            out.append((self.last, f"{self.last} (= {alias.name})" if alias else str(self.last)))
+            steps = [p for p in steps if p != alias]
+        return out + [(p, str(p)) for p in steps]
 
     def resolve(self, resume: str) -> Path | None:
         """The checkpoint that ``resume`` names: '' -> None, 'auto' -> last (if any), else a path."""
         if resume == "":
             return None
         if resume == "auto":
-            if self.last.is_file():
-                return self.last
-            steps = self.step_files()
-            return steps[-1] if steps else None
+            found = self.candidates()
+            return found[0][0] if found else None
         return Path(resume)
 
+    def load_resume(self, resume: str, quiet: bool = False) -> tuple[Path | None, dict | None]:
+        """(path, state) to continue from, or (None, None). ``resume=auto`` skips a checkpoint that
+        does not load and takes the newest intact one, saying on stderr (unless ``quiet``: the
+        other ranks) what it skipped and why; a UserError when none loads."""
+        warn = None if quiet else _warn
+        if resume == "":
+            return None, None
+        if resume != "auto":
+            hint = "resume=auto instead continues from the newest intact checkpoint of the run folder"
+            return Path(resume), load_checkpoint(Path(resume), hint)
+        skipped: list[str] = []
+        for path, name in self.candidates():
+            try:
+                state = load_checkpoint(path)
+            except UserError as e:
+                reason = str(e).split(" cannot be loaded ", 1)[-1].split("; it may be", 1)[0]
+                skipped.append(f"{name} {reason}")
+                if warn:
+                    warn(f"[checkpoint] skipping {name}: it cannot be loaded {reason}; trying an older one")
+                continue
+            if skipped and warn:
+                warn(f"[checkpoint] continuing from {path}, the newest intact checkpoint")
+            return path, state
+        if skipped:
+            raise UserError(
+                f"no checkpoint in {self.dir} can be loaded: {'; '.join(skipped)}. Continue from a copy "
+                "(resume=PATH), or start a new run (output.name=<new name>)"
+            )
+        return None, None
+
     def load(self, resume: str) -> dict | None:
-        path = self.resolve(resume)
-        return None if path is None else load_checkpoint(path)
+        return self.load_resume(resume)[1]
+
+
+def weights_only(state: dict) -> dict:
+    """The part of a training state that rebuilds the model: the chosen weights (EMA when kept),
+    the config, and where they came from. ``model.weights=`` and ``predict`` read it."""
+    ema = state.get("ema")
+    keys = ("config", "epoch", "global_step", "best_auc")
+    return {"model": ema if ema else state["model"], "weights": "ema" if ema else "model"} | {
+        k: state[k] for k in keys if k in state
+    }

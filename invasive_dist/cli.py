@@ -21,9 +21,12 @@ its parser to ``build_parser`` and its example to ``EXAMPLES``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import shlex
+import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -33,7 +36,7 @@ import torch.distributed as dist
 import yaml
 
 from . import __version__
-from .analysis import cmd_analyze
+from .analysis import cmd_analyze, cv_report
 from .bench import cmd_bench
 from .checkpoint import Checkpointer, refuse_mixed_run
 from .config import Config, describe, field_comments, load_config
@@ -52,7 +55,7 @@ from .distributed import (
 from .eda import run_eda
 from .errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
 from .metrics import read_metrics, roc_auc
-from .predict import load_run_config, predict_run
+from .predict import is_cv_dir, load_run_config, predict_run
 from .train import Trainer, build_parts, resume_source
 
 # Shown under each command's --help.
@@ -147,10 +150,26 @@ def cmd_eda(args) -> int:
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     acc, world = accelerator_from_env(cfg)
+    if args.config is None and acc.is_main_process:
+        print(
+            "no --config: training with the built-in defaults (invasive-dist config prints them; "
+            "configs/*.yaml are the shipped recipes)",
+            flush=True,
+        )
     # Refuse a second run into a run's folder before the data check and the model build (the
     # Trainer checks again); a restarted worker or requeued job resumes, as Trainer.fit does.
-    refuse_mixed_run(cfg.run_dir, resume_source(cfg, world), acc)
-    result = Trainer(cfg, acc, world, build_parts(cfg, acc, world)).fit()
+    refuse_mixed_run(cfg.run_dir, resume_source(cfg, world), acc, cfg)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, acc, world, build_parts(cfg, acc, world))
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        if acc.is_main_process:
+            step = None if trainer is None else trainer.global_step
+            print(
+                interrupted_line(cfg, args, step, launched=world.world_size > 1), file=sys.stderr, flush=True
+            )
+        raise
     if acc.is_main_process:
         if result.steps_run == 0 and result.epoch >= cfg.train.epochs:
             print(
@@ -162,14 +181,45 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _best_row(val: list[dict]) -> dict:
+    """The epoch the Trainer kept as best (``val/is_best``; AUC ties go to the lower loss), or
+    the highest val/auc in metrics written before that flag existed."""
+    flagged = [r for r in val if r.get("val/is_best")]
+    return flagged[-1] if flagged else max(val, key=lambda r: r["val/auc"])
+
+
+def _source(row: dict) -> str:
+    """With EMA on (``val/ema`` logged): which weights the epoch's val/auc came from."""
+    return "" if "val/ema" not in row else f", {'ema' if row['val/ema'] else 'raw'} weights"
+
+
+def interrupted_line(cfg: Config, args, step: int | None, launched: bool = False) -> str:
+    """What Ctrl-C left behind and the command that continues: one line."""
+    at = "before training started" if step is None else f"at step {step}"
+    newest = Checkpointer(cfg.run_dir / "checkpoints").newest()
+    if newest is None:
+        saved = "no checkpoint yet, the run starts again from step 0"
+    else:
+        path, saved_step = newest
+        redo = f", steps {saved_step + 1}-{step} will be trained again" if step and step > saved_step else ""
+        saved = f"the last checkpoint is {path} (step {saved_step}){redo}"
+    command = ["invasive-dist", "train", *(["--config", args.config] if args.config else [])]
+    command += [o for o in args.overrides if not o.startswith("resume=")] + ["resume=auto"]
+    how = "the same launcher and " if launched else ""
+    return (
+        f"interrupted (Ctrl-C) {at}, not saved: {saved}. Continue with {how}{shlex.join(command)} "
+        "(kill -TERM instead of Ctrl-C saves first)"
+    )
+
+
 def _best_line(run_dir: Path, epochs: int) -> str:
     """``best val/auc 0.9941 at epoch 2 of 8; ...`` from the run's metrics (one run per folder)."""
     val = [r for r in read_metrics(run_dir) if "val/auc" in r]
     if not val:
         return f"no validation result yet; run directory {run_dir}"
-    best = max(val, key=lambda r: r["val/auc"])
+    best = _best_row(val)
     return (
-        f"best val/auc {best['val/auc']:.4f} at epoch {best['epoch']} of {epochs} trained; "
+        f"best val/auc {best['val/auc']:.4f} at epoch {best['epoch']} of {epochs} trained{_source(best)}; "
         f"run directory {run_dir}"
     )
 
@@ -207,6 +257,9 @@ def _hidden_test_auc(run: Path) -> float | None:
 
 def cmd_report(args) -> int:
     run = Path(args.run)
+    if is_cv_dir(run):
+        print(cv_report(run))
+        return 0
     rows = read_metrics(run)
     # A folder written before runs refused to mix may hold several runs: summarise the last one.
     starts = [i for i in range(1, len(rows)) if rows[i].get("step", 0) < rows[i - 1].get("step", 0)]
@@ -219,11 +272,12 @@ def cmd_report(args) -> int:
     val = [r for r in rows if "val/auc" in r]
     if not val:
         raise UserError(f"{run}/metrics.jsonl has no validation results: is {run} a finished training run?")
-    best = max(val, key=lambda r: r["val/auc"])
+    best = _best_row(val)
     perf = [r["perf/img_per_s"] for r in rows if "perf/img_per_s" in r]
     print(f"run            {run}")
     print(
-        f"val/auc        {best['val/auc']:.4f} (best, epoch {best['epoch']}; last {val[-1]['val/auc']:.4f})"
+        f"val/auc        {best['val/auc']:.4f} (best, epoch {best['epoch']}{_source(best)}; "
+        f"last {val[-1]['val/auc']:.4f})"
     )
     print(f"val/n          {int(best['val/n'])} images")
     if perf:
@@ -403,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="summarize a finished run: val AUC and where its outputs are")
     s.add_argument(
-        "--run-dir", "--run", dest="run", metavar="RUN_DIR", required=True, help="a training run directory"
+        "--run-dir", "--run", dest="run", metavar="RUN_DIR", required=True, help="a training run or a CV dir"
     )
     s.set_defaults(fn=cmd_report)
     for name, parser in sub.choices.items():
@@ -470,10 +524,10 @@ def _continue_hint(args) -> tuple[str, str]:
     ckpt_line = ""
     try:
         cfg = load_config(args.config, overrides)
-        steps = Checkpointer(cfg.run_dir / "checkpoints").step_files()
+        newest = Checkpointer(cfg.run_dir / "checkpoints").newest()
         ckpt_line = (
-            f"The last intact checkpoint is {steps[-1]} (step {int(steps[-1].stem[5:])}; last.pt is that file)."
-            if steps
+            f"The last intact checkpoint is {newest[0]} (step {newest[1]})."
+            if newest
             else f"No checkpoint was saved yet in {cfg.run_dir}: resume=auto starts the run over."
         )
     except UserError:
@@ -501,6 +555,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = 130
         return code
+    except BrokenPipeError:  # `invasive-dist report | head`: the reader left; end quietly, as cat does
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 128 + signal.SIGPIPE
     except Preempted:
         code = EXIT_PREEMPTED
         return code

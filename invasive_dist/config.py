@@ -43,6 +43,7 @@ class DataConfig:
     labels_csv: str = "train_labels.csv"  # label file inside root (name,invasive)
     backend: Literal["auto", "torch", "dali", "gpu_cache", "synthetic"] = "torch"  # input pipeline
     n_folds: int = 5  # stratified folds of the train set
+    fold_seed: int | None = None  # seeds the folds (null = `seed`); set it to vary `seed` over fixed folds
     fold: int = 0  # the fold used for validation (0 <= fold < n_folds)
     limit: int = 0  # use only the first N labelled images (0 = all); for quick experiments
     image_size: int | list[int] = 224  # model input: one side (square) or [height, width]
@@ -98,7 +99,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # BCE targets become y(1-s) + s/2
     clip_grad_norm: float = 0.0  # clip the global gradient norm (0 = measure only)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm when world_size > 1
-    ema_decay: float = 0.0  # exponential moving average of the weights (0 = off)
+    ema_decay: float = 0.0  # EMA of weights + BatchNorm stats (0 = off); epochs keep the better of raw/EMA
     mixup_alpha: float = 0.0  # mixup Beta(alpha, alpha) (0 = off)
     cutmix_alpha: float = 0.0  # cutmix Beta(alpha, alpha) (0 = off); with both, each batch picks one
     mix_prob: float = 1.0  # probability that a batch is mixed when mixup/cutmix is on
@@ -146,7 +147,7 @@ class DistConfig:
 
 @dataclass
 class Config:
-    seed: int = 0  # seeds weights (same on all ranks), folds and the data order
+    seed: int = 0  # seeds weights (same on all ranks), data order, augmentation; folds unless data.fold_seed
     resume: str = ""  # "" (fresh), "auto" (continue from checkpoints/last if present) or a path
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -161,6 +162,11 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.output.root) / (self.output.name or "run")
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the fold split: ``data.fold_seed``, or ``seed`` when that is null."""
+        return self.seed if self.data.fold_seed is None else self.data.fold_seed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,6 +215,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, alt, where)
             except UserError:
                 pass
+        size = re.fullmatch(r"\s*(\d+)\s*[xX*,]\s*(\d+)\s*", value) if isinstance(value, str) else None
+        if size and list[int] in inner:  # data.image_size=128x96: a size written as synth --size takes it
+            w, h = size.groups()
+            raise UserError(
+                f"{where}: {value!r} is not a size this key reads: give one side (224) or "
+                f"[height, width], e.g. {where}='[{h}, {w}]' for {w} wide and {h} high "
+                "(synth --size is WIDTHxHEIGHT; image_size is [height, width])"
+            )
         return _coerce(value, inner[0], where)
     if origin is Literal:
         if value is False and "no" in args:
@@ -256,19 +270,37 @@ MOVED = {
 }
 
 
-def _build(cls: type, raw: dict, where: str) -> Any:
+def _build(cls: type, raw: dict, where: str, problems: list[str] | None = None) -> Any:
+    """``cls`` from ``raw``. Every unknown key and bad value is a problem: with a ``problems`` list
+    they are appended there (the key keeps its default) so that one run reports them all; without
+    one, they are raised together as one UserError."""
+    collect = [] if problems is None else problems
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        path = f"{where}.{unknown[0]}" if where else unknown[0]
+    for key in sorted(set(raw) - names):
+        path = f"{where}.{key}" if where else key
         if path in MOVED:
-            raise UserError(f"config key {path!r} is now {MOVED[path]!r} (each backend has its own section)")
-        raise UserError(
-            f"unknown config key {path!r}{_did_you_mean(unknown[0], names, f'{where}.' if where else '')}; "
+            collect.append(f"config key {path!r} is now {MOVED[path]!r} (each backend has its own section)")
+            continue
+        collect.append(
+            f"unknown config key {path!r}{_did_you_mean(key, names, f'{where}.' if where else '')}; "
             f"valid keys{' of ' + where if where else ''}: " + ", ".join(sorted(names))
         )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
+    kwargs = {}
+    for k, v in raw.items():
+        if k not in names:
+            continue
+        key_where = f"{where}.{k}" if where else k
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            kwargs[k] = _build(tp, v, key_where, collect)
+            continue
+        try:
+            kwargs[k] = _coerce(v, tp, key_where)
+        except UserError as e:
+            collect.append(str(e))
+    if problems is None and collect:
+        raise UserError("; ".join(collect))
     return cls(**kwargs)
 
 
@@ -328,19 +360,33 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise UserError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise UserError(f"{p}: the top level must be a mapping of sections")
-    try:
-        _build(Config, raw, "")  # report file errors against the file before overrides apply
-    except UserError as e:
-        raise UserError(f"{source}: {e}") from None
+    file_problems: list[str] = []  # reported against the file, all at once, before overrides apply
+    from_file = _build(Config, raw, "", file_problems)
+    if file_problems:
+        # The file's impossible values too, except those about a key already reported (it holds
+        # its default here).
+        bad = [p.split(":", 1)[0] for p in file_problems if not p.startswith(("unknown", "config key"))]
+        file_problems += [p for p in config_problems(from_file) if not any(k in p for k in bad)]
+        raise UserError(f"{source}: " + "; ".join(file_problems))
     steps = [copy.deepcopy(raw)]  # the raw config after 0, 1, 2, ... overrides
+    override_problems: list[str] = []
+    before: set[str] = set()
     for ov in overrides:
-        key, value = parse_override(ov)
-        _set_dotted(raw, key, value)
         try:
-            _build(Config, raw, "")
+            key, value = parse_override(ov)
+            _set_dotted(raw, key, value)
         except UserError as e:
-            raise UserError(f"command-line override {ov!r}: {e}") from None
+            override_problems.append(str(e))
+            steps.append(copy.deepcopy(raw))
+            continue
+        now: list[str] = []
+        _build(Config, raw, "", now)
+        new = [p for p in now if p not in before]  # what this override broke
+        override_problems += [f"command-line override {ov!r}: {p}" for p in new]
+        before |= set(now)
         steps.append(copy.deepcopy(raw))
+    if override_problems:
+        raise UserError("; ".join(override_problems))
     try:
         cfg = config_from_dict(raw, source)
     except UserError as e:
@@ -367,6 +413,13 @@ def _blame(err: UserError, steps: list[dict], overrides: list[str], source: str)
 
 def validate(cfg: Config, source: str = "<config>") -> None:
     """Impossible combinations fail here, before any work, with one message."""
+    problems = config_problems(cfg)
+    if problems:
+        raise UserError(f"{source}: " + "; ".join(problems))
+
+
+def config_problems(cfg: Config) -> list[str]:
+    """Every impossible value or combination of ``cfg``, each naming its key."""
     d, t = cfg.data, cfg.train
     problems = []
     if d.n_folds < 2:
@@ -411,8 +464,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         problems.append(f"resume={cfg.resume!r}: no such checkpoint (use '', 'auto' or a path)")
     m = cfg.model
     problems += model_problems(m.arch, d.image_size, m.aux_loss_weight, m.weights)
-    if problems:
-        raise UserError(f"{source}: " + "; ".join(problems))
+    return problems
 
 
 def _check_arch(arch: str) -> str:
@@ -430,6 +482,67 @@ def _check_arch(arch: str) -> str:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Keys a run may change when it continues (resume=auto, a path, a torchrun restart): where and how
+# it runs, logs and saves, and how long it trains. Every other key (model.arch, optim.*, seed,
+# data.image_size, the folds, augmentation, ...) changes what is trained: a continued run that
+# changes one is refused by name (checkpoint.refuse_mixed_run). A key added later is frozen unless
+# it is listed here. The per-device batch and accumulation may change with the process count
+# (elastic resume); the global batch they make is checked against the checkpoint's
+# (build.resolve_batch).
+RESUME_MAY_CHANGE = (
+    "resume",
+    "output.",
+    "predict.",
+    "profile.",
+    "dist.",
+    "checkpoint.",
+    "data.root",  # the same images elsewhere (a node-local copy)
+    "data.backend",
+    "data.torch.",
+    "data.dali.",
+    "data.gpu_cache.",
+    "data.check_cache",
+    "data.eval_batch_size",
+    "data.batch_size",
+    "data.global_batch_size",
+    "train.grad_accum",
+    "train.epochs",
+    "train.max_steps",
+    "train.early_stop_patience",
+    "train.log_every",
+    "train.nonfinite",
+    "train.compile",
+    "model.weights",  # the initial weights: a continued run's come from its checkpoint
+    "model.channels_last",
+)
+
+
+def flat_keys(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"epochs": 3}}`` -> ``{"train.epochs": 3}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_differences(saved: dict, cfg: Config) -> list[str]:
+    """``key=new (the run has old)`` for each key outside :data:`RESUME_MAY_CHANGE` in which ``cfg``
+    differs from a run's saved ``config.yaml`` (``saved``, as loaded). A key the file lacks (a run
+    written before the key existed) counts as its default."""
+    old = flat_keys(to_dict(Config())) | flat_keys(saved)
+    new = flat_keys(to_dict(cfg))
+    diffs = []
+    for key, value in new.items():
+        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUME_MAY_CHANGE):
+            continue
+        if key in old and old[key] != value:
+            diffs.append(f"{key}={_flow(value)} (the run has {_flow(old[key])})")
+    return diffs
 
 
 def field_comments(cls: type) -> dict[str, str]:

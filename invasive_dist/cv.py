@@ -11,19 +11,22 @@ The CV directory is ``output.root/output.name``:
 
     fold<k>/              a training run of fold k (config.yaml, checkpoints/, metrics.jsonl, ...) and
                           its oof.csv: the validation fold scored by the fold's best checkpoint
-    oof.csv               name,label,fold,probability: every labelled image once, scored by the model
-                          that did not train on it (EMA weights when kept; ``predict.tta`` views)
-    cv.json               per-fold AUCs, the OOF AUC, the settings
+    oof.csv               name,label,fold,probability,logit: every labelled image once, scored by the
+                          model that did not train on it (EMA weights when kept; the mean logit of
+                          the ``predict.tta`` views, and a probability that keeps the logits' order)
+    cv.json               per-fold AUCs, the OOF AUC (both of the logits), the settings
     roc.png               OOF ROC curve, one thin curve per fold
     submission.csv        (pseudo-labelling only) this round's fold-ensemble test predictions
-    pseudo_round1.csv     test images the round-1 ensemble scored <= pseudo-low (label 0) or
-                          >= pseudo-high (label 1): name,invasive
+    pseudo_round1.csv     test images whose mean probability over the round-1 folds is <= pseudo-low
+                          (label 0) or >= pseudo-high (label 1): name,invasive
     round2/               round 2: the same layout, trained with data.pseudo_csv=pseudo_round1.csv
 
 Folds run one after another in one launch; under torchrun every rank takes part in every fold, each
 fold building its Trainer on the same Accelerator. A fold whose ``checkpoints/best.pt`` and
 ``oof.csv`` exist is skipped, so re-running the command after a crash or a preemption only does what
-is left; an unfinished fold continues from its ``last`` checkpoint (``resume=auto``).
+is left; an unfinished fold continues from its ``last`` checkpoint (``resume=auto``). What is finished
+is decided by the main process and broadcast (``distributed.decided_by_main``): on NFS the ranks'
+views of the files can differ for a while, and ranks that branch differently hang in collectives.
 
 Slurm arrays: a task that runs ``cv`` with ``--only-fold K`` (or ``data.fold=K
 output.name=NAME/foldK``) trains fold K and writes its oof.csv; the task that finds every fold
@@ -41,9 +44,11 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -52,23 +57,28 @@ import torch
 
 from .build import Data, build_data, channels_last_on, resolve_batch
 from .config import Config, load_config, to_dict
-from .distributed import accelerator_from_env, build_accelerator, world_info_from_env
+from .distributed import accelerator_from_env, build_accelerator, decided_by_main, world_info_from_env
 from .errors import UserError
 from .files import atomic_write, write_json
 from .metrics import read_metrics, roc_auc
 from .plots import draw_roc, roc_curves_for
 from .predict import (
     FOLD_DIR_RE,
+    expit,
     fold_dirs,
+    folds_file,
     load_model_for_inference,
     load_run_config,
-    predict_probs,
+    ordered_probabilities,
+    predict_logits,
     predict_run,
+    read_member_logits,
+    require_finite,
 )
 from .train import Trainer, build_parts
 
 ROUND_DIR_RE = re.compile(r"^round(\d+)$")
-OOF_COLUMNS = ["name", "label", "fold", "probability"]
+OOF_COLUMNS = ["name", "label", "fold", "probability", "logit"]
 
 # Settings that may change between a fold's training and a re-run without making it a different
 # experiment (paths, logging, inference and launch details).
@@ -145,10 +155,17 @@ def config_differences(saved: Config, new: Config) -> list[str]:
 
 
 def oof_is_fresh(run_dir: Path) -> bool:
-    """True when ``run_dir/oof.csv`` exists and is not older than ``checkpoints/best.pt``."""
+    """True when ``run_dir/oof.csv`` exists, is not older than ``checkpoints/best.pt`` and has the
+    current columns (an oof.csv without the logit column is scored again)."""
     best = Path(run_dir) / "checkpoints" / "best.pt"
     oof = Path(run_dir) / "oof.csv"
-    return best.is_file() and oof.is_file() and oof.stat().st_mtime >= best.stat().st_mtime
+    try:
+        if not (best.is_file() and oof.stat().st_mtime >= best.stat().st_mtime):
+            return False
+        with oof.open() as f:
+            return f.readline().strip().split(",") == OOF_COLUMNS
+    except OSError:
+        return False
 
 
 def fold_cfg(base: Config, cv_name: str, k: int) -> Config:
@@ -172,16 +189,18 @@ def fold_oof(cfg: Config, data: Data, run_dir: Path, acc) -> pd.DataFrame:
     model = load_model_for_inference(cfg, run_dir, "best").to(acc.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    positions, probs = predict_probs(model, data.val_loader, acc, cfg.predict.tta, channels_last)
+    positions, logits = predict_logits(model, data.val_loader, acc, cfg.predict.tta, channels_last)
     val = data.val_idx
     if len(positions) != len(val):
         raise RuntimeError(f"OOF covered {len(positions)} of {len(val)} validation images")  # a bug
+    require_finite(logits, f"{run_dir}/checkpoints/best.pt on its validation fold")
     df = pd.DataFrame(
         {
             "name": [val.names[i] for i in positions],
             "label": val.labels[positions].astype(np.int64),
             "fold": cfg.data.fold,
-            "probability": probs.astype(np.float64),
+            "probability": ordered_probabilities(logits),
+            "logit": logits.astype(np.float64),
         }
     )
     if acc.is_main_process:
@@ -208,11 +227,11 @@ def fold_oof_for_run(run_dir: Path, acc=None, world=None, data_root: Path | None
     exactly the one the run validated on (same seed, folds and data check); only the validation
     loader is built (no optimizer, no training cache) and nothing is trained."""
     run_dir = Path(run_dir)
-    if not (run_dir / "checkpoints" / "best.pt").is_file():
-        raise UserError(f"{run_dir}/checkpoints/best.pt does not exist: the run has not finished an epoch")
     cfg = _cfg_for_existing_run(run_dir, data_root)
     world = world or world_info_from_env()
     acc = acc or build_accelerator(cfg, world)
+    if not decided_by_main(acc, (run_dir / "checkpoints" / "best.pt").is_file):
+        raise UserError(f"{run_dir}/checkpoints/best.pt does not exist: the run has not finished an epoch")
     data = build_data(cfg, acc, resolve_batch(cfg, acc.num_processes), train=False)
     try:
         return fold_oof(cfg, data, run_dir, acc)
@@ -232,13 +251,12 @@ def train_folds(base: Config, cv_name: str, folds: list[int], acc, world) -> lis
     for k in folds:
         cfg = fold_cfg(base, cv_name, k)
         run_dir = cfg.run_dir
-        acc.wait_for_everyone()  # every rank sees the same files before deciding
-        if oof_is_fresh(run_dir):
-            saved = load_run_config(run_dir)
-            diffs = config_differences(saved, cfg)
+        acc.wait_for_everyone()  # the previous fold's files are written before anyone decides
+        if decided_by_main(acc, partial(oof_is_fresh, run_dir)):
             _print(
                 acc, f"[cv] fold {k}/{n}: skipped (finished: {run_dir}/checkpoints/best.pt and oof.csv exist)"
             )
+            diffs = config_differences(load_run_config(run_dir), cfg) if acc.is_main_process else []
             if diffs:
                 _print(
                     acc,
@@ -257,7 +275,7 @@ def train_folds(base: Config, cv_name: str, folds: list[int], acc, world) -> lis
             parts.data.close()
             del parts
             _free(acc)
-        auc = roc_auc(df["label"].to_numpy(), df["probability"].to_numpy())
+        auc = roc_auc(df["label"].to_numpy(), df["logit"].to_numpy())
         _print(
             acc,
             f"[cv] fold {k}/{n}: best val/auc {result.best_auc:.4f}; OOF AUC {auc:.4f} "
@@ -268,11 +286,18 @@ def train_folds(base: Config, cv_name: str, folds: list[int], acc, world) -> lis
 
 
 def collect_folds(cv_dir: Path, n_folds: int, acc, world, data_root: Path | None = None) -> list[FoldStatus]:
-    """Score every fold of ``cv_dir`` that has a best checkpoint but no fresh oof.csv. Collective."""
+    """Score every fold of ``cv_dir`` that has a best checkpoint but no fresh oof.csv. Collective;
+    what is on disk is decided by the main process (:func:`decided_by_main`)."""
     found = {int(FOLD_DIR_RE.match(p.name).group(1)): p for p in fold_dirs(cv_dir)}
-    missing = [
-        k for k in range(n_folds) if k not in found or not (found[k] / "checkpoints" / "best.pt").is_file()
-    ]
+
+    def without_best() -> list[int]:
+        return [
+            k
+            for k in range(n_folds)
+            if k not in found or not (found[k] / "checkpoints" / "best.pt").is_file()
+        ]
+
+    missing = decided_by_main(acc, without_best)
     if missing:
         raise UserError(
             f"{cv_dir}: fold(s) {', '.join(map(str, missing))} of {n_folds} have no checkpoints/best.pt; "
@@ -280,9 +305,9 @@ def collect_folds(cv_dir: Path, n_folds: int, acc, world, data_root: Path | None
         )
     out = []
     for k in range(n_folds):
-        run_dir = found[k]
+        run_dir = cv_dir / f"fold{k}"
         acc.wait_for_everyone()
-        if oof_is_fresh(run_dir):
+        if decided_by_main(acc, partial(oof_is_fresh, run_dir)):
             out.append(FoldStatus(k, run_dir, "skipped"))
             continue
         cfg = load_run_config(run_dir)
@@ -298,8 +323,11 @@ def collect_folds(cv_dir: Path, n_folds: int, acc, world, data_root: Path | None
     return out
 
 
-def all_folds_finished(cv_dir: Path, n_folds: int) -> bool:
-    return all(oof_is_fresh(Path(cv_dir) / f"fold{k}") for k in range(n_folds))
+def unfinished_folds(cv_dir: Path, n_folds: int, acc=None) -> list[int]:
+    """The folds of ``cv_dir`` without a fresh oof.csv, as the main process sees them. Collective."""
+    return decided_by_main(
+        acc, lambda: [k for k in range(n_folds) if not oof_is_fresh(Path(cv_dir) / f"fold{k}")]
+    )
 
 
 def write_cv_files(cv_dir: Path, n_folds: int, round_no: int = 1) -> dict:
@@ -312,7 +340,11 @@ def write_cv_files(cv_dir: Path, n_folds: int, round_no: int = 1) -> dict:
         path = cv_dir / f"fold{k}" / "oof.csv"
         df = pd.read_csv(path, dtype={"name": str})
         if list(df.columns) != OOF_COLUMNS or (df["fold"] != k).any():
-            raise UserError(f"{path}: expected columns {','.join(OOF_COLUMNS)} with fold={k} on every row")
+            raise UserError(
+                f"{path}: expected columns {','.join(OOF_COLUMNS)} with fold={k} on every row (a file "
+                f"written before the logit column is scored again by `invasive-dist cv --collect "
+                f"--run-dir {cv_dir}`)"
+            )
         parts.append(df)
     oof = pd.concat(parts, ignore_index=True)
     dup = oof[oof["name"].duplicated(keep=False)]
@@ -321,10 +353,13 @@ def write_cv_files(cv_dir: Path, n_folds: int, round_no: int = 1) -> dict:
         folds = sorted(dup[dup["name"] == first]["fold"].tolist())
         raise UserError(
             f"{cv_dir}: image {first!r} is in the validation fold of folds {folds}; the folds were "
-            "trained with different data.seed/n_folds/limit settings: retrain them with one config"
+            "trained with different seed/data.fold_seed/data.n_folds/data.limit settings: retrain them with "
+            "one config"
         )
     key = oof["name"].map(lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
     oof = oof.iloc[np.argsort(key.to_numpy(), kind="mergesort")].reset_index(drop=True)
+    # The pooled probabilities keep the order of all folds' logits (each fold's file keeps its own).
+    oof["probability"] = ordered_probabilities(oof["logit"].to_numpy())
     _write_csv(oof, cv_dir / "oof.csv")
 
     cfg0 = load_run_config(cv_dir / "fold0")
@@ -335,7 +370,7 @@ def write_cv_files(cv_dir: Path, n_folds: int, round_no: int = 1) -> dict:
             {
                 "fold": k,
                 "n": int(len(df)),
-                "auc": roc_auc(df["label"].to_numpy(), df["probability"].to_numpy()),
+                "auc": roc_auc(df["label"].to_numpy(), df["logit"].to_numpy()),
                 "best_val_auc": max(hist) if hist else None,  # no TTA, as logged during training
                 "epochs": len(hist),
                 "run_dir": f"fold{k}",
@@ -348,7 +383,7 @@ def write_cv_files(cv_dir: Path, n_folds: int, round_no: int = 1) -> dict:
         "round": round_no,
         "n_folds": n_folds,
         "n_images": int(len(oof)),
-        "oof_auc": roc_auc(oof["label"].to_numpy(), oof["probability"].to_numpy()),
+        "oof_auc": roc_auc(oof["label"].to_numpy(), oof["logit"].to_numpy()),
         "fold_auc_mean": float(np.nanmean(fold_aucs)),
         "fold_auc_std": float(np.nanstd(fold_aucs)),
         "folds": folds,
@@ -385,36 +420,77 @@ def pseudo_path(cv_root: Path, r: int) -> Path:
     return Path(cv_root) / f"pseudo_round{r}.csv"
 
 
-def select_pseudo(sub: pd.DataFrame, low: float, high: float) -> pd.DataFrame:
-    """Rows of a submission with probability <= low (label 0) or >= high (label 1), as name,invasive."""
-    p = sub["invasive"].astype(np.float64)
+def select_pseudo(names: list[str], fold_logits: np.ndarray, low: float, high: float) -> pd.DataFrame:
+    """Test images whose mean fold probability is <= low (label 0) or >= high (label 1), as
+    name,invasive. The mean of the folds' probabilities (from their logits), whatever
+    ``predict.ensemble`` wrote into the submission: under ``rank_mean`` that holds ranks, and
+    thresholds on ranks would always take the top and bottom images however unsure the folds are."""
+    p = expit(np.atleast_2d(fold_logits)).mean(0)
     keep = (p <= low) | (p >= high)
     return pd.DataFrame(
-        {"name": sub["name"][keep].astype(str), "invasive": (p[keep] >= high).astype(np.int64)}
+        {
+            "name": pd.Series([n for n, k in zip(names, keep) if k], dtype=object),
+            "invasive": (p[keep] >= high).astype(np.int64),
+        }
     )
+
+
+def pseudo_message(chosen: pd.DataFrame, n_test: int, low: float, high: float, out: Path, rdir: Path) -> str:
+    """The log line(s) of a pseudo-label selection, with a warning when every pick is one class."""
+    n1 = int(chosen["invasive"].sum())
+    n0 = len(chosen) - n1
+    msg = (
+        f"[cv] pseudo-labels: {len(chosen)} of {n_test} test images (mean fold p <= {low}: {n0} as 0, "
+        f"p >= {high}: {n1} as 1) -> {out}"
+    )
+    if len(chosen) and (n0 == 0 or n1 == 0):
+        cls = 1 if n0 == 0 else 0
+        aucs = ""
+        try:
+            folds = json.loads((Path(rdir) / "cv.json").read_text())["folds"]
+            listed = ", ".join(f"{f['auc']:.3f}" for f in folds)
+            aucs = f" (fold AUCs {listed} in {rdir}/cv.json)"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        msg += (
+            f"\n[cv] warning: all {len(chosen)} pseudo-labels are class {cls}: the fold ensemble does not "
+            f"separate the test images{aucs}. Training the next round on them teaches it one class. "
+            f"Check the folds (a fold near AUC 0.5 did not learn: retrain it), or choose thresholds "
+            f"that also take the other class (--pseudo-low/--pseudo-high), or delete {out} and run "
+            "without --pseudo-rounds"
+        )
+    return msg
+
+
+def _no_rows(csv_path: Path) -> bool:
+    return len(pd.read_csv(csv_path)) == 0
+
+
+def pseudo_is_fresh(path: Path, rdir: Path) -> bool:
+    """``path`` exists and is not older than any fold's best checkpoint in ``rdir``."""
+    try:
+        bests = [p / "checkpoints" / "best.pt" for p in fold_dirs(rdir)]
+        return path.is_file() and all(path.stat().st_mtime >= b.stat().st_mtime for b in bests)
+    except OSError:
+        return False
 
 
 def write_pseudo_labels(cv_root: Path, r: int, data_root: Path, acc, low: float, high: float) -> Path:
     """Predict the test set with round ``r``'s fold ensemble (its ``submission.csv``) and write
-    ``pseudo_round<r>.csv``. Kept if it is newer than every fold's best checkpoint. Collective."""
+    ``pseudo_round<r>.csv`` from the folds' mean probability (:func:`select_pseudo`). Kept if it is
+    newer than every fold's best checkpoint. Collective."""
     rdir = round_dir(cv_root, r)
     out = pseudo_path(cv_root, r)
     acc.wait_for_everyone()
-    bests = [p / "checkpoints" / "best.pt" for p in fold_dirs(rdir)]
-    if out.is_file() and all(out.stat().st_mtime >= b.stat().st_mtime for b in bests):
+    if decided_by_main(acc, lambda: pseudo_is_fresh(out, rdir)):
         _print(acc, f"[cv] pseudo-labels: kept {out} (newer than round {r}'s checkpoints)")
         return out
     sub_path = predict_run(rdir, data_root, acc, out=rdir / "submission.csv")
     if acc.is_main_process:
-        sub = pd.read_csv(sub_path, dtype={"name": str})
-        chosen = select_pseudo(sub, low, high)
+        names, fold_logits = read_member_logits(folds_file(sub_path))
+        chosen = select_pseudo(names, fold_logits, low, high)
         _write_csv(chosen, out)
-        n1 = int(chosen["invasive"].sum())
-        print(
-            f"[cv] pseudo-labels: {len(chosen)} of {len(sub)} test images (p <= {low}: {len(chosen) - n1} "
-            f"as 0, p >= {high}: {n1} as 1) -> {out}",
-            flush=True,
-        )
+        print(pseudo_message(chosen, len(names), low, high, out, rdir), flush=True)
     acc.wait_for_everyone()
     return out
 
@@ -521,8 +597,8 @@ def cmd_cv(args) -> int:
         rdir = round_dir(cv_root, r)
         train_folds(base, name, folds, acc, world)
         acc.wait_for_everyone()
-        if not all_folds_finished(rdir, n):
-            left = [k for k in range(n) if not oof_is_fresh(rdir / f"fold{k}")]
+        left = unfinished_folds(rdir, n, acc)
+        if left:
             _print(
                 acc,
                 f"[cv] {n - len(left)} of {n} folds of {rdir} finished; left: {left}. The CV files are "
@@ -536,7 +612,7 @@ def cmd_cv(args) -> int:
             pseudo = write_pseudo_labels(
                 cv_root, r, Path(cfg.data.root), acc, args.pseudo_low, args.pseudo_high
             )
-            if len(pd.read_csv(pseudo)) == 0:
+            if decided_by_main(acc, partial(_no_rows, pseudo)):
                 _print(
                     acc,
                     f"[cv] no test image passed the thresholds in {pseudo}; stopping before round {r + 1}",

@@ -33,7 +33,7 @@ import math
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list
 
 from .errors import UserError
 
@@ -190,6 +190,28 @@ def accelerator_from_env(cfg) -> tuple[Accelerator, WorldInfo]:
     """The world this process was launched into, and the Accelerator built for it (each command's start)."""
     world = world_info_from_env()
     return build_accelerator(cfg, world), world
+
+
+def decided_by_main(accelerator, decide: Callable[[], object]):
+    """``decide()`` run on the main process only, its (picklable) result returned on every rank.
+
+    For choices taken from files (is this fold finished? are these pseudo-labels current?): on a
+    shared filesystem such as NFS one node can see a file another does not yet, and ranks that
+    branch differently wait in each other's collectives until the timeout. A UserError raised by
+    ``decide`` is raised on every rank. Collective when there are several processes."""
+    if accelerator is None or accelerator.num_processes <= 1:
+        return decide()
+    box: list = [None]
+    if accelerator.is_main_process:
+        try:
+            box = [(True, decide())]
+        except UserError as e:
+            box = [(False, e)]
+    broadcast_object_list(box, from_process=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ class EvalResult:
 
     @property
     def probs(self) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-self.logits))
+        return np.exp(-np.logaddexp(0.0, -self.logits))  # the sigmoid, without overflow
 
     def metrics(self, prefix: str = "val") -> dict[str, float]:
         loss = float(np.mean(np.logaddexp(0, self.logits) - self.labels * self.logits))

@@ -12,7 +12,9 @@ the queued work and ``data_wait_frac`` is the fraction of it the loop spent star
 from __future__ import annotations
 
 import json
+import os
 import resource
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +27,19 @@ from .files import write_text
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC by the Mann-Whitney U statistic, ties counted as half. NaN if one class is absent."""
+    """ROC AUC by the Mann-Whitney U statistic, ties counted as half. NaN if one class is absent.
+
+    Non-finite scores are refused (UserError): NaN has no rank, and ranking it anyway gives a
+    number that looks like a result (all-NaN scores of 4 images gave 0.75)."""
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        raise UserError(
+            f"ROC AUC of non-finite scores: {int(bad.sum())} of {len(scores)} are NaN or infinite "
+            f"(the first at position {int(np.flatnonzero(bad)[0])}); the predictions are not usable: "
+            "check the model (a diverged run, an fp16 overflow) or the prediction file"
+        )
     n_pos = int(labels.sum())
     n_neg = len(labels) - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -83,14 +95,36 @@ def confusion(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[s
     }
 
 
+PREVIOUS_ATTEMPT = "previous-attempt"  # where a fresh start puts what an earlier attempt logged
+
+
+def set_aside_attempt(run_dir: Path) -> Path | None:
+    """Move ``metrics.jsonl`` and ``tb/`` of an attempt that never saved a checkpoint to
+    ``run_dir/previous-attempt/`` (replacing an older one there); the folder, or None if there was
+    nothing to move."""
+    run_dir = Path(run_dir)
+    moving = [p for p in (run_dir / "metrics.jsonl", run_dir / "tb") if p.exists()]
+    if not moving:
+        return None
+    aside = run_dir / PREVIOUS_ATTEMPT
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir(parents=True)
+    for p in moving:
+        os.replace(p, aside / p.name)
+    return aside
+
+
 class MetricsWriter:
     """JSONL + TensorBoard writer for the main process."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None) -> None:
         """``resume_step``: the run resumed from a checkpoint of that step; rows logged after it
-        (by the interrupted attempt) are dropped, since those steps are trained again."""
+        (by the interrupted attempt) are dropped, since those steps are trained again. None: a run
+        that starts at step 0; what an earlier attempt of it logged before it died without a
+        checkpoint is moved to ``previous-attempt/`` (:attr:`set_aside`), so the files start fresh."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.set_aside = set_aside_attempt(run_dir) if resume_step is None else None
         if resume_step is not None and self.path.is_file():
             kept = [r for r in read_metrics(run_dir) if r["step"] <= resume_step]
             write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))

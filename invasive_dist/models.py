@@ -32,6 +32,15 @@ from .archs import AUX_HEADS, REFUSED, aux_problem
 from .errors import UserError
 
 
+class OneLogitHead(nn.Linear):
+    """The one-logit layer, computed in float32 also under autocast: a bf16 output has 8 bits of
+    mantissa (at logit 3 its steps are 1/64), which ties distinct predictions and costs AUC."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 def _replace_last_linear(model: nn.Module, prefix: str = "") -> str:
     """Swap the last nn.Linear under ``prefix`` for a 1-output one; return its qualified name."""
     root = model.get_submodule(prefix) if prefix else model
@@ -44,7 +53,7 @@ def _replace_last_linear(model: nn.Module, prefix: str = "") -> str:
     parent_name, _, attr = last.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     old = getattr(parent, attr)
-    head = nn.Linear(old.in_features, 1)
+    head = OneLogitHead(old.in_features, 1)
     nn.init.zeros_(head.bias)
     nn.init.normal_(head.weight, std=0.01)
     setattr(parent, attr, head)

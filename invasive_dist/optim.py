@@ -68,26 +68,76 @@ def build_optimizer(model: nn.Module, o: OptimConfig, lr: float) -> torch.optim.
 
 
 class EMA:
-    """Exponential moving average of parameters and buffers, kept on the device."""
+    """Exponential moving average of the weights and of the BatchNorm running statistics, on the
+    device. ``update(model)`` after each optimizer step; ``module`` is the averaged model.
+
+    Buffers are averaged too, as timm's ModelEmaV3 and ``swa_utils.AveragedModel(use_buffers=True)``
+    do: running statistics copied from the live model would describe other weights than the
+    averaged ones. Integer buffers (``num_batches_tracked``) are copied.
+
+    Decay warm-up: the update that follows n earlier ones uses min(decay, n / (n + 1)). The first
+    copies the model; then the average is the plain mean of the weights after each step so far
+    (the running mean swa_utils' SWA computes) until that span reaches the EMA's own window,
+    1 / (1 - decay) steps (200 for 0.995), and from there on it is the EMA. So an early
+    validation never scores mostly initial weights, and the recipes' window arithmetic holds from
+    that step on. (TensorFlow's ``num_updates`` rule, min(decay, (1 + n) / (10 + n)), would keep
+    0.995 below its nominal value for 1,790 steps, past the 870 of the ResNet-50 recipe.)
+
+    Not ``AveragedModel.update_parameters`` itself: it reads its update count on the host
+    (``bool(n_averaged == 0)``) and copies it to the device at every update, a device sync per
+    optimizer step on CUDA. Here the count is a host int and an update is one ``_foreach_lerp_``
+    over the floating tensors and one ``_foreach_copy_`` over the integer buffers."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
+        self.updates = 0  # updates applied; 0: the next one copies the model
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self._pairs: tuple | None = None  # (model, ema floats, model floats, ema ints, model ints)
+
+    def _tensors(self, model: nn.Module) -> tuple:
+        if self._pairs is None or self._pairs[0] is not model:
+            ema = [*self.module.parameters(), *self.module.buffers()]
+            src = [t.detach() for t in (*model.parameters(), *model.buffers())]
+            if len(ema) != len(src):
+                raise RuntimeError(f"EMA of {len(ema)} tensors updated from a model with {len(src)}")
+            floats = [i for i, t in enumerate(ema) if t.is_floating_point()]
+            ints = [i for i, t in enumerate(ema) if not t.is_floating_point()]
+            self._pairs = (
+                model,
+                [ema[i] for i in floats],
+                [src[i] for i in floats],
+                [ema[i] for i in ints],
+                [src[i] for i in ints],
+            )
+        return self._pairs[1:]
+
+    def current_decay(self) -> float:
+        """The decay the next update uses (see the class docstring)."""
+        n = self.updates
+        return min(self.decay, n / (n + 1))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        ema_p = list(self.module.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - self.decay)
-        for b_ema, b in zip(self.module.buffers(), model.buffers()):
-            b_ema.copy_(b)
+        ema_f, model_f, ema_i, model_i = self._tensors(model)
+        torch._foreach_lerp_(ema_f, model_f, 1.0 - self.current_decay())
+        if ema_i:
+            torch._foreach_copy_(ema_i, model_i)
+        self.updates += 1
+
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Start over from ``model``'s weights (EMA switched on when resuming a run without one)."""
+        self.module.load_state_dict(model.state_dict())
+        self.updates = 0
 
     def state_dict(self) -> dict:
-        return self.module.state_dict()
+        return self.module.state_dict()  # a plain model state dict: predict loads it into a model
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, updates: int) -> None:
         self.module.load_state_dict(state)
+        self.updates = updates
 
 
 @dataclass

@@ -20,10 +20,15 @@ made from the eval view of ``data.eval_geometry`` (``center_crop`` or ``full``).
 concatenated and scored in one forward pass on the device, so a dihedral pass of an eval batch of 64
 is one forward of 512 images: lower ``data.eval_batch_size`` if that does not fit.
 
-Fold ensembles (``predict.ensemble``): ``mean`` averages the members' probabilities; ``rank_mean``
-averages their ranks scaled to [0, 1], which ignores differences in calibration between members
-(the AUC only depends on the order). A CV directory also gets ``submission_folds.csv`` next to the
-submission: one probability column per fold, for inspection or later re-weighting.
+Logits, not probabilities, are what TTA, ensembles and AUCs work on: the views' logits are averaged
+(float64), ``predict.ensemble=mean`` averages the members' logits and ``rank_mean`` the ranks of
+their logits scaled to [0, 1] (which ignores differences in calibration between members; the AUC
+only depends on the order). A sigmoid in float64 is exactly 1.0 for every logit above about 37,
+so averaging or ranking probabilities would tie a confident model's predictions and lose their
+order. Probabilities are made only where a file is written, by :func:`ordered_probabilities`:
+its values keep the logits' order (distinct logits never share a value). A CV directory also gets
+``submission_folds.csv`` next to the submission: the ensemble's value and one logit column per
+fold (``fold<k>_logit``), for inspection, re-weighting and pseudo-label selection.
 :func:`ensemble_files` averages finished submission files the same way.
 """
 
@@ -43,9 +48,10 @@ from .build import channels_last_on
 from .checkpoint import Checkpointer, load_checkpoint
 from .config import Config, load_config
 from .data import LoaderSpec, Shard, build_loader
-from .data.check import cached_check
+from .data.check import cached_check, check_data
 from .data.kaggle import DataIndex, read_name_csv, test_index
 from .data.transforms import image_hw
+from .distributed import decided_by_main
 from .errors import UserError
 from .evaluation import gather_unique
 from .files import atomic_write
@@ -96,16 +102,24 @@ def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) 
 def load_model_for_inference(cfg: Config, run_dir: Path, which: str) -> torch.nn.Module:
     ckpt = Checkpointer(Path(run_dir) / "checkpoints")
     path = ckpt.best if which == "best" else ckpt.last
+    if which == "best" and not path.is_file() and ckpt.best_weights.is_file():
+        path = ckpt.best_weights  # a run trimmed to its best weights: the same model, weights only
     if not path.is_file():
-        raise UserError(
-            f"{path} does not exist: train the run first (invasive-dist train / cv), or use "
-            "predict.checkpoint=last"
-        )
+        if which == "best" and ckpt.last.is_file():
+            hint = f"the run has {ckpt.last.name} (no epoch validated yet?): use predict.checkpoint=last"
+        else:
+            hint = (
+                f"{run_dir} has no checkpoint yet; train it first (invasive-dist train, or "
+                "invasive-dist cv for the folds of a CV directory)"
+            )
+        raise UserError(f"{path} does not exist: {hint}")
     state = load_checkpoint(path)
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.weights = None  # everything comes from the checkpoint; never download here
     model = build_model(model_cfg)
-    model.load_state_dict(state["ema"] if state.get("ema") else state["model"])
+    # The weights that validated better when the checkpoint was saved ("ema" or "model"); older
+    # checkpoints: the EMA when there is one.
+    model.load_state_dict(state[state.get("eval_weights") or ("ema" if state.get("ema") else "model")])
     return model.eval()
 
 
@@ -129,7 +143,6 @@ def tta_views(images: torch.Tensor, mode: str) -> list[torch.Tensor]:
     raise UserError(f"predict.tta={mode!r} is not one of none, flips, dihedral")
 
 
-@torch.no_grad()
 def tta_note(mode: str, image_size) -> str:
     """What the log says about a TTA mode at this input size ("" when nothing needs saying)."""
     h, w = image_hw(image_size)
@@ -143,37 +156,93 @@ def tta_note(mode: str, image_size) -> str:
     return ""
 
 
-def tta_probs(
+@torch.no_grad()
+def tta_logits(
     model, images: torch.Tensor, mode: str, channels_last: bool = False, autocast=None
 ) -> torch.Tensor:
-    """Mean sigmoid probability over the TTA views of a batch, all views in one forward pass.
+    """Mean logit over the TTA views of a batch, all views in one forward pass.
 
     ``autocast`` is a context-manager factory (e.g. ``accelerator.autocast``); None runs in the
-    model's own precision. Returns a float32 (B,) tensor on the images' device."""
+    model's own precision. The one-logit head runs in float32 under autocast (``models``), and its
+    output is read as float32. Returns a float64 (B,) tensor on the images' device: the mean of
+    logits, not of probabilities, which a float64 sigmoid rounds to exactly 1.0 above logit ~37."""
     views = tta_views(images, mode)
     x = torch.cat(views) if len(views) > 1 else images
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     ctx = autocast() if autocast is not None else contextlib.nullcontext()
     with ctx:
-        logits = model(x).reshape(len(views), images.shape[0])
-    # float64: float32 rounds sigmoid(z) to exactly 1.0 for z > 17, and confident models produce
-    # such logits; the ties that makes would cost AUC (the metric only sees the order).
-    return torch.sigmoid(logits.double()).mean(0)
+        out = model(x)
+    logits = out.float().reshape(len(views), images.shape[0])
+    return logits.double().mean(0)
 
 
 @torch.no_grad()
-def predict_probs(model, loader, acc, tta: str, channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, mean probability over TTA views) for every sample of the loader's split,
-    each exactly once, identical on every rank."""
-    idx, probs, labels = [], [], []
+def predict_logits(model, loader, acc, tta: str, channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, mean logit over TTA views) for every sample of the loader's split, each exactly
+    once, identical on every rank."""
+    idx, logits, labels = [], [], []
     batches = track(loader.iter_epoch(0), f"predict (tta {tta})", loader.steps_per_epoch, "batch")
     for batch in batches:
-        probs.append(tta_probs(model, batch.images, tta, channels_last, acc.autocast))
+        logits.append(tta_logits(model, batch.images, tta, channels_last, acc.autocast))
         idx.append(batch.index)
         labels.append(batch.labels)
-    res = gather_unique(acc, torch.cat(idx), torch.cat(probs), torch.cat(labels))
-    return res.index, res.logits  # the "logits" column holds probabilities here
+    res = gather_unique(acc, torch.cat(idx), torch.cat(logits), torch.cat(labels))
+    return res.index, res.logits
+
+
+def require_finite(logits: np.ndarray, what: str) -> None:
+    """A NaN or infinite logit (a diverged model) is refused, naming what produced it."""
+    bad = ~np.isfinite(np.asarray(logits, dtype=np.float64))
+    if bad.any():
+        raise UserError(
+            f"{what}: {int(bad.sum())} of {bad.size} logits are not finite (NaN or inf); the model "
+            "diverged: use an earlier checkpoint (predict.checkpoint=last or another run), or retrain "
+            "with a lower optim.lr"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Probabilities that keep the logits' order
+
+
+def expit(z: np.ndarray) -> np.ndarray:
+    """The sigmoid in float64 without overflow: exp is only taken of non-positive numbers."""
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def ordered_probabilities(logits: np.ndarray) -> np.ndarray:
+    """Probabilities to write for ``logits``: float64 sigmoids whose order is the logits' order.
+
+    Equal logits get equal values and distinct logits distinct values, so any AUC computed from
+    the written file equals the AUC of the logits. The sigmoid itself cannot promise that: in
+    float64 it is exactly 1.0 above logit ~36.7 (and ties distinct logits closer than one unit in
+    the last place of their probability), which made every prediction of a confident model 1.0.
+    Here each value is the sigmoid unless that would tie or reverse it with a neighbour; then it
+    is moved by the fewest representable steps that keep the order: with n distinct logits the
+    i-th smallest lies in [(i + 1) * 2^-1074, 1 - (n - i) * 2^-53] (the smallest doubles above 0
+    and the largest below 1), so a saturated top (or bottom) stays strictly increasing inside
+    (0, 1), and then any tie is lowered to one double below its upper neighbour. A value neither
+    tied nor within n doubles of 0 or 1 (logits between about -740 and 36 - ln n) is the plain
+    sigmoid; the others differ from it by at most n units in the last place.
+    The pandas CSV writer prints the shortest text that reads back to the same double, so the
+    written values keep the order too (tests/unit/test_saturation.py)."""
+    z = np.asarray(logits, dtype=np.float64)
+    if z.size == 0:
+        return z.copy()
+    uniq, inverse = np.unique(z, return_inverse=True)  # sorted; NaN is refused by the callers
+    n = len(uniq)
+    i = np.arange(n, dtype=np.float64)
+    low = (i + 1.0) * np.nextafter(0.0, 1.0)  # subnormal doubles are evenly spaced: exact
+    high = 1.0 - (n - i) * 2.0**-53  # doubles in [0.5, 1) are 2^-53 apart: exact
+    v = np.minimum(np.maximum(expit(uniq), low), high)
+    if n > 1 and not (np.diff(v) > 0).all():
+        for k in range(n - 2, -1, -1):  # only ties move; each stays >= low[k] (see above)
+            if v[k] >= v[k + 1]:
+                v[k] = np.nextafter(v[k + 1], 0.0)
+    return v[inverse.reshape(z.shape)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,18 +258,30 @@ def _scaled_ranks(p: np.ndarray) -> np.ndarray:
     return (ranks - 1.0) / (n - 1.0)
 
 
-def combine(probs: np.ndarray, how: str) -> np.ndarray:
-    """Combine a (members, samples) matrix of probabilities into one (samples,) vector."""
-    probs = np.atleast_2d(np.asarray(probs, dtype=np.float64))
+def combine(logits: np.ndarray, how: str) -> np.ndarray:
+    """The values a submission holds for a (members, samples) matrix of logits.
+
+    ``mean``: :func:`ordered_probabilities` of the members' mean logit. ``rank_mean``: the mean of
+    each member's ranks (of its logits) scaled to [0, 1]. Either way the order is the ensemble's
+    order: no ties that the logits do not have."""
+    logits = np.atleast_2d(np.asarray(logits, dtype=np.float64))
     if how == "mean":
-        return probs.mean(0)
+        return ordered_probabilities(logits.mean(0))
     if how == "rank_mean":
-        return np.mean([_scaled_ranks(p) for p in probs], axis=0)
+        return np.mean([_scaled_ranks(z) for z in logits], axis=0)
     raise UserError(f"predict.ensemble={how!r} is not one of {', '.join(ENSEMBLE_METHODS)}")
 
 
+def logit(p: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`expit` for the values of a written file (0 and 1 map to the logits
+    of the smallest double above 0 and the largest below 1: finite, and in order)."""
+    p = np.clip(np.asarray(p, dtype=np.float64), np.nextafter(0.0, 1.0), np.nextafter(1.0, 0.0))
+    return np.log(p) - np.log1p(-p)
+
+
 def ensemble_files(paths: Sequence[str | Path], how: str = "mean") -> pd.DataFrame:
-    """Average submission CSVs (name,invasive) into one DataFrame, by ``mean`` or ``rank_mean``.
+    """Average submission CSVs (name,invasive) into one DataFrame, by ``mean`` (of the values'
+    logits, as for folds) or ``rank_mean``.
 
     Each file is read by the sample submission's parser (``kaggle.read_name_csv``): a malformed row
     is a UserError naming the file and line. Every file must list the same names in the same order
@@ -235,32 +316,76 @@ def ensemble_files(paths: Sequence[str | Path], how: str = "mean") -> pd.DataFra
                     "a finite number (a probability)"
                 )
         cols.append(values)
-    return pd.DataFrame({"name": names, "invasive": combine(np.stack(cols), how)})
+    return pd.DataFrame({"name": names, "invasive": combine(logit(np.stack(cols)), how)})
 
 
 # ----------------------------------------------------------------------------------------------
 # Predicting the test set
 
 
-def write_submission(names: list[str], probs: np.ndarray, out: Path, extra: dict | None = None) -> None:
-    df = pd.DataFrame({"name": names, "invasive": np.clip(probs, 0.0, 1.0)})
+def write_submission(names: list[str], values: np.ndarray, out: Path, extra: dict | None = None) -> None:
+    """``name,invasive`` (plus ``extra`` columns) atomically. ``values`` come from :func:`combine`
+    or :func:`ordered_probabilities`: in [0, 1], written at full float64 precision (shortest
+    round-trip text), so the file keeps their order."""
+    values = np.asarray(values, dtype=np.float64)
+    if not ((values >= 0.0) & (values <= 1.0)).all():
+        raise RuntimeError("submission values outside [0, 1]")  # a bug: combine never makes them
+    df = pd.DataFrame({"name": names, "invasive": values})
     for k, v in (extra or {}).items():
         df[k] = v
     atomic_write(out, lambda tmp: df.to_csv(tmp, index=False))
 
 
-def _checked_test_index(data_root: Path, cache_dir: Path) -> DataIndex:
-    """The test images in submission order, after the data check: a missing, empty, truncated or
-    non-JPEG test image stops prediction with a message naming it (a submission must cover all)."""
-    index = test_index(data_root)
-    cached_check(Path(data_root), "train_labels.csv", cache_dir).require("predict")
+def write_predictions(
+    names: list[str], logits: np.ndarray, how: str, out: Path, members: list[str] | None = None
+) -> None:
+    """``out``: the submission of a (members, images) matrix of logits. One run (``members`` None):
+    its probabilities; several: their ensemble by ``how`` (see :func:`combine`), and next to it
+    ``<out>_folds.csv`` with the ensemble's value and one ``<member>_logit`` column per member."""
+    logits = np.atleast_2d(logits)
+    if members is None:
+        write_submission(names, ordered_probabilities(logits[0]), out)
+        return
+    final = combine(logits, how)
+    write_submission(names, final, out)
+    write_submission(names, final, folds_file(out), extra={f"{m}_logit": z for m, z in zip(members, logits)})
+
+
+def folds_file(submission: Path) -> Path:
+    """The per-member file written next to a fold ensemble's submission."""
+    submission = Path(submission)
+    return submission.with_name(f"{submission.stem}_folds.csv")
+
+
+def read_member_logits(path: Path) -> tuple[list[str], np.ndarray]:
+    """(names, (members, images) logits) of a ``<submission>_folds.csv`` file."""
+    df = pd.read_csv(path, dtype={"name": str})
+    cols = [c for c in df.columns if c.endswith("_logit")]
+    if not cols:
+        raise UserError(f"{path}: no <fold>_logit columns; predict the CV directory again")
+    return list(df["name"]), df[cols].to_numpy(dtype=np.float64).T
+
+
+def _checked_test_index(cfg: Config) -> DataIndex:
+    """The test images of ``data.root`` in submission order, after the data check training runs
+    (of the run's ``data.labels_csv``, cached unless ``data.check_cache`` is false): a missing,
+    empty, truncated or non-JPEG test image stops prediction with a message naming it (a
+    submission must cover all)."""
+    d = cfg.data
+    index = test_index(d.root)
+    if d.check_cache:
+        report = cached_check(Path(d.root), d.labels_csv, Path(cfg.output.root) / ".data-check")
+    else:
+        report = check_data(Path(d.root), d.labels_csv)
+    report.require("predict")
     return index
 
 
 def predict_member(
     run_dir: Path, index: DataIndex, acc, cfg: Config, checkpoint: str | None = None
 ) -> np.ndarray:
-    """Probabilities of one run for every image of ``index`` (in index order), on every rank."""
+    """Logits (mean over TTA views) of one run for every image of ``index`` (in index order), on
+    every rank."""
     device = acc.device
     channels_last = channels_last_on(cfg, device)
     model = load_model_for_inference(cfg, run_dir, checkpoint or cfg.predict.checkpoint).to(device)
@@ -275,11 +400,12 @@ def predict_member(
     loader = build_loader(
         LoaderSpec.of(index, cfg.data, shard, device, False, cfg.seed, channels_last), cfg.data
     )
-    positions, probs = predict_probs(model, loader, acc, cfg.predict.tta, channels_last)
+    positions, logits = predict_logits(model, loader, acc, cfg.predict.tta, channels_last)
     if len(positions) != len(index) or not np.array_equal(positions, np.arange(len(index))):
         raise RuntimeError(f"prediction covered {len(positions)} of {len(index)} images")  # a bug
+    require_finite(logits, f"{run_dir} ({checkpoint or cfg.predict.checkpoint} checkpoint)")
     del model
-    return probs
+    return logits
 
 
 def predict_run(
@@ -289,29 +415,23 @@ def predict_run(
 
     Returns the submission path (``RUN/submission.csv`` unless ``out``); the main process writes it."""
     run_dir, data_root = Path(run_dir), Path(data_root)
-    members = fold_dirs(run_dir) if is_cv_dir(run_dir) else [run_dir]
+    # Which runs are members is read from the files once, by the main process (see decided_by_main).
+    members = decided_by_main(acc, lambda: fold_dirs(run_dir) if is_cv_dir(run_dir) else [run_dir])
     cfgs = [load_run_config(m, overrides) for m in members]
     for c in cfgs:
         c.data.root = str(data_root)
     how = cfgs[0].predict.ensemble
     with acc.main_process_first():  # main checks and caches; the others read the cache
-        index = _checked_test_index(data_root, Path(cfgs[0].output.root) / ".data-check")
-    probs = []
+        index = _checked_test_index(cfgs[0])
+    logits = []
     for member, cfg in zip(members, cfgs):
-        p = predict_member(member, index, acc, cfg)
-        probs.append(p)
+        z = predict_member(member, index, acc, cfg)
+        logits.append(z)
         if len(members) > 1 and acc.is_main_process:
-            print(f"predicted {len(p)} test images with {member} (tta {cfg.predict.tta})", flush=True)
-    final = combine(np.stack(probs), how) if len(probs) > 1 else probs[0]
+            print(f"predicted {len(z)} test images with {member} (tta {cfg.predict.tta})", flush=True)
     out = Path(out) if out else run_dir / "submission.csv"
     if acc.is_main_process:
-        write_submission(index.names, final, out)
-        if len(members) > 1:
-            write_submission(
-                index.names,
-                final,
-                out.with_name(f"{out.stem}_folds.csv"),
-                extra={m.name: p for m, p in zip(members, probs)},
-            )
+        cv = [m.name for m in members] if len(members) > 1 else None
+        write_predictions(index.names, np.stack(logits), how, out, cv)
     acc.wait_for_everyone()
     return out

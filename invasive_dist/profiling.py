@@ -20,6 +20,7 @@ Exporting takes a few seconds on a GPU: the interval that contains it shows a lo
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,13 @@ class ProfilerWindow:
             activities = [ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(ProfilerActivity.CUDA)
+            else:
+                # A CUDA build of torch on a machine without a GPU: kineto asks the driver for the
+                # device count when the window closes, whatever the activities, and logs
+                # "ERROR: ... DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35"
+                # (cudaErrorInsufficientDriver). Its log level is read when a profiler starts; 5 hides
+                # its ERROR lines, which here can only be about the missing GPU. A level the user set wins.
+                os.environ.setdefault("KINETO_LOG_LEVEL", "5")
             self._prof = profile(
                 activities=activities,
                 schedule=schedule(

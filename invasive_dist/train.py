@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from accelerate.utils import get_grad_scaler
 from torch import nn
 from torch.profiler import record_function
 
@@ -60,11 +61,71 @@ class NonFiniteError(UserError):
     pass
 
 
+# fp16 with train.nonfinite=stop: a loss scale below this means the gradients overflow fp16 even
+# unscaled. Overflow steps are routine while the GradScaler finds its scale (it halves the scale and
+# skips the step); a scale that keeps halving (from 65536: 17 skipped steps with no recovery) is a
+# diverged run, which the stop rule reports.
+FP16_MIN_SCALE = 1.0
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of ``grads``, leaving them alone (``get_total_norm``: torch >= 2.6)."""
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def improves(auc: float, loss: float, best_auc: float, best_loss: float) -> bool:
+    """Whether a validation result beats the best so far: a higher AUC, or the same AUC with a lower
+    loss. AUC moves in steps of 1 / (positives x negatives) and saturates on an easy fold, so ties
+    are common (the demo's epochs 2 and 6 both scored 1.000, with val loss 0.216 and 0.031: the
+    later one is the better model). A non-finite AUC never improves; any finite one beats a best
+    that is unset (-1) or not finite (a checkpoint written before NaN was refused)."""
+    if not math.isfinite(auc):
+        return False
+    if not math.isfinite(best_auc) or best_auc < 0:
+        return True
+    return auc > best_auc or (auc == best_auc and math.isfinite(loss) and loss < best_loss)
+
+
+def val_metrics(result: EvalResult) -> dict[str, float]:
+    """``result.metrics("val")``, or NaN AUC and loss when some logits are not finite (diverged
+    weights, an fp16 overflow): the epoch is logged and can never be best."""
+    bad = ~np.isfinite(result.logits)
+    if not bad.any():
+        return result.metrics("val")
+    return {
+        "val/loss": math.nan,
+        "val/auc": math.nan,
+        "val/n": len(result.index),
+        "val/nonfinite": float(bad.sum()),
+    }
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed this rank's global random streams (torch on every device, Python, NumPy) for training,
+    once the model is built: its initial weights come from ``seed`` alone, identical on every rank,
+    while dropout and stochastic-depth masks must differ between ranks, as they would within one
+    large batch (with one seed, every GPU drew the same masks)."""
+    s = int(np.random.SeedSequence([seed, rank, 0x5EED]).generate_state(1, np.uint64)[0] >> 1)
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
 def rng_state() -> dict:
+    """This process's random states, whole: restored, they continue where they were."""
+    py_version, py_internal, py_gauss = random.getstate()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "python": list(py_internal),  # the 624 words and the position
+        "python_gauss": py_gauss,  # None, or the second of the last pair random.gauss() drew
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": int(pos),  # without it a restored stream restarts its 624-word block
+        "numpy_gauss": (int(has_gauss), float(cached_gaussian)),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -72,9 +133,14 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`. Checkpoints written before the NumPy position and cached
+    Gaussians were saved load too, with NumPy's stream at the start of a block (as they did)."""
     torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(state["python"]), state.get("python_gauss")))
+    has_gauss, cached = state.get("numpy_gauss", (0, 0.0))
+    np.random.set_state(
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), state.get("numpy_pos", 624), has_gauss, cached)
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -154,7 +220,8 @@ def build_parts(
         torch.backends.cudnn.benchmark = True  # input shapes are fixed: pick the fastest kernels
     ckpt = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep_last)
     resume = resume_source(cfg, world)
-    state = ckpt.load(resume)
+    # resume=auto skips a damaged checkpoint for the newest intact one (the main process says so).
+    resume_from, state = ckpt.load_resume(resume, quiet=not accelerator.is_main_process)
     plan = resolve_batch(cfg, accelerator.num_processes, state.get("global_batch") if state else None)
     faults = faults_from_env(
         accelerator.process_index, attempt=world.restart_count + world.slurm_restart_count
@@ -162,7 +229,7 @@ def build_parts(
     data = build_data(cfg, accelerator, plan, train=train_loader, val=val_loader, faults=faults)
     model, channels_last = build_model_on(cfg, plan.world, accelerator.device)
     opt = build_optimization(model, cfg.optim, cfg.train, plan.global_batch, data.steps_per_epoch)
-    resume_from = ckpt.resolve(resume) if state else None
+    seed_rank(cfg.seed, accelerator.process_index)  # a resume then restores the saved streams
     return Parts(plan, data, model, channels_last, opt, ckpt, faults, resume_from, state)
 
 
@@ -192,6 +259,15 @@ class Trainer:
         self.scheduler = parts.opt.scheduler
         # The scheduler is stepped by us once per optimizer step, not prepared by Accelerate
         # (which would step it once per process).
+        if getattr(accelerator, "scaler", None) is not None:
+            # fp16: a fresh GradScaler for each Trainer. The Accelerator owns the scaler and outlives
+            # a Trainer (cv trains every fold with one): fold k would start from fold k-1's loss
+            # scale and growth count. Made as Accelerate makes it (with its GradScalerKwargs, if any).
+            handler = getattr(accelerator, "scaler_handler", None)
+            accelerator.scaler = get_grad_scaler(
+                accelerator.distributed_type, **(handler.to_kwargs() if handler is not None else {})
+            )
+        self.scaler = getattr(accelerator, "scaler", None)  # None unless fp16
         self.model, self.optimizer = accelerator.prepare(parts.model, parts.opt.optimizer)
         self.inner_optimizer = parts.opt.optimizer
         if cfg.train.compile:
@@ -208,12 +284,16 @@ class Trainer:
         )
         self.epochs_without_improvement = 0
         self._max_norm = cfg.train.clip_grad_norm if cfg.train.clip_grad_norm > 0 else float("inf")
-        # fp16's GradScaler skips non-finite steps itself; otherwise the fused optimizer does.
-        self._use_found_inf = getattr(accelerator, "scaler", None) is None
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
-        self.best_auc = -1.0
+        self.best_auc = -1.0  # -1: no finite validation result yet
+        self.best_loss = math.inf  # the best epoch's val/loss: breaks AUC ties
+        # With EMA on, each epoch scores the raw and the EMA weights and keeps the better ("raw" or
+        # "ema"): the source of the best epoch, and the pick of the latest validation (what the
+        # checkpoint's "eval_weights" names for predict and cv).
+        self.best_source = ""
+        self.eval_source = "ema" if self.ema else "raw"
         self.nonfinite_steps = 0
 
     # ------------------------------------------------------------------------------------------
@@ -232,6 +312,11 @@ class Trainer:
         return {
             "model": self.raw_model.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
+            "ema_updates": self.ema.updates if self.ema else 0,
+            # The state key of the weights that validated better at the latest epoch end: predict
+            # and cv score these (in best.pt, the weights of the best epoch).
+            "eval_weights": "ema" if self.ema and self.eval_source == "ema" else "model",
+            "best_source": self.best_source,
             "optimizer": self.inner_optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -240,6 +325,7 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "best_auc": self.best_auc,
+            "best_loss": self.best_loss,
             "nonfinite_steps": self.nonfinite_steps,
             "epochs_without_improvement": self.epochs_without_improvement,
             "world_size": self.shard.world,
@@ -261,7 +347,11 @@ class Trainer:
             )
         self.raw_model.load_state_dict(state["model"])
         if self.ema and state.get("ema"):
-            self.ema.load_state_dict(state["ema"])
+            # A checkpoint from before the count was saved: its EMA is past any warm-up.
+            self.ema.load_state_dict(state["ema"], state.get("ema_updates", state["global_step"]))
+        elif self.ema:
+            self.ema.reset(self.raw_model)  # EMA switched on now: it starts from the resumed weights
+            self.log(f"train.ema_decay={self.cfg.train.ema_decay}: the EMA starts from the resumed weights")
         self.inner_optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         scaler = getattr(self.acc, "scaler", None)
@@ -269,6 +359,9 @@ class Trainer:
             scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_auc = state["global_step"], state["best_auc"]
+        self.best_loss = state.get("best_loss", math.inf)
+        self.best_source = state.get("best_source", "")
+        self.eval_source = "ema" if state.get("eval_weights", "ema") == "ema" and self.ema else "raw"
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         self.epochs_without_improvement = state.get("epochs_without_improvement", 0)
         if state.get("global_batch") != self.global_batch:  # resolve_batch keeps it: a bug if not
@@ -293,23 +386,43 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> EvalResult:
-        """Score every sample of the validation split exactly once, across all ranks."""
+    def evaluate(self, model: nn.Module | None = None) -> EvalResult:
+        """Score every sample of the validation split exactly once, across all ranks, with
+        ``model`` (the raw model by default; ``self.ema.module`` for the EMA)."""
+        model = self.raw_model if model is None else model
         if self.shard.world > 1:
             # BatchNorm running statistics differ per rank after a step; the checkpoint holds rank
             # 0's. Score that model everywhere (DDP broadcasts rank 0's buffers at the next forward
             # anyway, so training is unaffected).
             with self._watch.waiting("a collective (BatchNorm buffer broadcast)"):
-                for module in (self.raw_model, self.ema.module if self.ema else None):
-                    for b in module.buffers() if module is not None else ():
-                        dist.broadcast(b, src=0)
-        model = self.ema.module if self.ema else self.raw_model
+                for b in model.buffers():
+                    dist.broadcast(b, src=0)
         return score(model, self.val_loader, self.acc, "validation", self._watch)
+
+    def validate(self) -> tuple[dict[str, float], str]:
+        """The epoch's validation metrics and the weights they come from ("raw" or "ema").
+
+        With EMA on, both the raw and the EMA weights are scored (``val/auc_raw``,
+        ``val/loss_raw``, ``val/auc_ema``, ``val/loss_ema``; ``val/ema`` 1 when the EMA's are kept)
+        and ``val/*`` are the better one's: a higher AUC, on a tie the lower loss, the EMA when
+        both are equal. A bad EMA (a decay too slow for the run) is visible and costs nothing."""
+        raw = val_metrics(self.evaluate(self.raw_model))
+        if self.ema is None:
+            return raw, "raw"
+        ema = val_metrics(self.evaluate(self.ema.module))
+        source = (
+            "raw" if improves(raw["val/auc"], raw["val/loss"], ema["val/auc"], ema["val/loss"]) else "ema"
+        )
+        out = dict(raw if source == "raw" else ema)
+        for name, m in (("raw", raw), ("ema", ema)):
+            out[f"val/auc_{name}"], out[f"val/loss_{name}"] = m["val/auc"], m["val/loss"]
+        out["val/ema"] = float(source == "ema")
+        return out, source
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
         cfg = self.cfg
-        refuse_mixed_run(self.run_dir, resume_source(cfg, self.world), self.acc)  # one run per directory
+        refuse_mixed_run(self.run_dir, resume_source(cfg, self.world), self.acc, cfg)  # one run per directory
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # The resolved file holds the per-device batch this run used.
@@ -335,6 +448,11 @@ class Trainer:
             writer = MetricsWriter(
                 self.run_dir, cfg.output.tensorboard, resume_step=self.global_step if state else None
             )
+            if writer.set_aside:
+                self.log(
+                    f"no checkpoint to continue: {self.run_dir} starts again from step 0; what the earlier "
+                    f"attempt logged (metrics.jsonl, tb/) is now in {writer.set_aside}"
+                )
         self.log(
             f"{self.plan.describe()}; peak lr {self.peak_lr:g}; "
             f"{self.steps_per_epoch} steps/epoch; train {len(self.train_idx)} val {len(self.val_idx)} images; "
@@ -353,11 +471,13 @@ class Trainer:
                     if not finished:  # train.max_steps reached inside the epoch
                         self.save()
                         break
-                    val = self.evaluate().metrics()
+                    val, self.eval_source = self.validate()
                     val["perf/epoch_time_s"] = time.perf_counter() - t_epoch
-                    is_best = val["val/auc"] > self.best_auc or self.best_auc < 0
+                    is_best = improves(val["val/auc"], val["val/loss"], self.best_auc, self.best_loss)
+                    val["val/is_best"] = float(is_best)  # what `report` shows as best
                     if is_best:
-                        self.best_auc = val["val/auc"]
+                        self.best_auc, self.best_loss = val["val/auc"], val["val/loss"]
+                        self.best_source = self.eval_source
                         self.epochs_without_improvement = 0
                     else:
                         self.epochs_without_improvement += 1
@@ -366,9 +486,16 @@ class Trainer:
                     if writer:
                         writer.log(self.global_step, self.epoch, val)
                         writer.flush()
+                    both = (
+                        f" {self.eval_source} weights (raw {val['val/auc_raw']:.4f}/{val['val/loss_raw']:.4f}, "
+                        f"ema {val['val/auc_ema']:.4f}/{val['val/loss_ema']:.4f})"
+                        if self.ema
+                        else ""
+                    )
                     self.log(
                         f"epoch {self.epoch}/{cfg.train.epochs}: val/auc {val['val/auc']:.4f} "
-                        f"val/loss {val['val/loss']:.4f} (n={val['val/n']}) in {val['perf/epoch_time_s']:.1f}s; "
+                        f"val/loss {val['val/loss']:.4f} (n={val['val/n']}){both}{', best' if is_best else ''} "
+                        f"in {val['perf/epoch_time_s']:.1f}s; "
                         f"{time.strftime('%H:%M:%S')} ETA run {self._run_eta.line(self.global_step)}"
                     )
                     self.save(is_best=is_best)
@@ -411,16 +538,25 @@ class Trainer:
                     acc.backward(loss / accum)
             loss_sum += loss.detach()
         with record_function("optimizer"):
-            gnorm = acc.clip_grad_norm_(model.parameters(), self._max_norm)
+            if self._max_norm < math.inf:
+                gnorm = acc.clip_grad_norm_(model.parameters(), self._max_norm)
+            else:
+                # Clipping off: measure only (clip_grad_norm_(inf) would multiply every gradient by
+                # 1). Under fp16 the gradients are unscaled first, as clip_grad_norm_ does.
+                acc.unscale_gradients(self.optimizer)
+                gnorm = total_norm([p.grad for p in model.parameters() if p.grad is not None])
             gnorm = gnorm.detach().float() if torch.is_tensor(gnorm) else torch.tensor(float(gnorm))
-            if self._use_found_inf:
+            if self.scaler is None:
                 bad = (~torch.isfinite(gnorm)).float()
                 self.inner_optimizer.found_inf = bad
                 self.inner_optimizer.grad_scale = None
             else:
-                # fp16: GradScaler skips overflow steps and lowers its scale; routine, not a fault.
-                bad = torch.zeros((), device=self.device)
+                scale_before = self.scaler._scale.clone()  # set by the first backward's scale()
             self.optimizer.step()
+            if self.scaler is not None:
+                # fp16: the GradScaler skipped this step (gradients overflowed) iff it lowered its
+                # scale; compared on the device, read once per log interval.
+                bad = (self.scaler._scale < scale_before).float()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema:
@@ -480,10 +616,11 @@ class Trainer:
     def _log_interval(self, writer, timer, loss_sum, gnorm_sum, nonfinite, n) -> None:
         """The interval's one device sync: reduce across ranks, read, log."""
         acc = self.acc
-        packed = torch.stack([loss_sum / n, gnorm_sum, nonfinite])
+        scale = self.scaler._scale.float() if self.scaler is not None else torch.zeros((), device=self.device)
+        packed = torch.stack([loss_sum / n, gnorm_sum, nonfinite, scale.to(loss_sum.device)])
         with self._watch.waiting("a collective (the log interval's reduce)"):
             packed = acc.reduce(packed, reduction="mean")
-            loss, gsum, bad = packed.tolist()  # <- the sync
+            loss, gsum, bad, scale = packed.tolist()  # <- the sync
         bad_steps = int(round(bad))
         good = max(n - bad_steps, 1)
         perf = timer.read(self.shard.world)
@@ -494,14 +631,32 @@ class Trainer:
             "perf/max_mem_bytes": float(max_memory_bytes(self.device)),
             **perf,
         }
-        if bad_steps:
+        stop = self.cfg.train.nonfinite == "stop"
+        if self.scaler is not None:
+            metrics["train/loss_scale"] = scale
+            if bad_steps:
+                self.nonfinite_steps += bad_steps
+                metrics["train/nonfinite_steps"] = float(self.nonfinite_steps)
+                self.log(
+                    f"fp16: the loss scaler skipped {bad_steps} overflow step(s) (total {self.nonfinite_steps}); "
+                    f"loss scale now {scale:g}"
+                )
+            if stop and scale < FP16_MIN_SCALE:
+                raise NonFiniteError(
+                    f"fp16 loss scale fell to {scale:g} by step {self.global_step}: the gradients are not finite "
+                    f"even unscaled (each overflow halves the scale and skips the step; "
+                    f"{self.nonfinite_steps} skipped so far). No bad update was applied and {self.ckpt.last} "
+                    "holds the last saved state. Lower optim.lr, use train.mixed_precision=bf16 on GPUs "
+                    "that have it, or set train.nonfinite=skip"
+                )
+        elif bad_steps:
             self.nonfinite_steps += bad_steps
             metrics["train/nonfinite_steps"] = float(self.nonfinite_steps)
-            if self.cfg.train.nonfinite == "stop":
+            if stop:
                 raise NonFiniteError(
                     f"non-finite loss or gradients at step {self.global_step} (within the last {n} steps); "
                     f"the update was not applied and {self.ckpt.last} still holds the last good state. "
-                    "Lower optim.lr, use train.mixed_precision=bf16 instead of fp16, or set train.nonfinite=skip"
+                    "Lower optim.lr, set train.clip_grad_norm (e.g. 1.0), or set train.nonfinite=skip"
                 )
             self.log(f"skipped {bad_steps} step(s) with non-finite gradients (total {self.nonfinite_steps})")
         if writer:

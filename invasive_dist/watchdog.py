@@ -235,8 +235,18 @@ class StopFlag:
         return bool(t.item())
 
     def close(self) -> None:
+        """Restore the signal handlers, close the watchdog and destroy the gloo group. Every rank
+        calls it at the same point (the end of ``Trainer.fit``, after the last collective on the
+        group); destroying a group is local (no collective), so a rank that leaves early through an
+        error does not wait here. ``cv`` makes one StopFlag per fold and pseudo-label round in one
+        process: without this, their groups (each with its sockets to every peer) would pile up."""
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        self._old = {}
         self.watchdog.close()
+        if self.group is not None:
+            group, self.group = self.group, None
+            if dist.is_initialized():
+                dist.destroy_process_group(group)
 
     restore = close  # the name train.py used

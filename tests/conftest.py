@@ -32,6 +32,17 @@ def real_sample() -> Path:
     return REAL_SAMPLE
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one state (and one precision) per process: a test that builds an Accelerator
+    with mixed precision starts from a clean state and leaves one behind for the tests after it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 600):
     """Run ``python -m invasive_dist ARGS`` in a subprocess; returns CompletedProcess (text)."""
     import subprocess

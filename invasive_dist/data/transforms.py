@@ -29,6 +29,7 @@ Eval geometry (``data.eval_geometry``), the same in torch, gpu_cache and DALI:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +40,18 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
 from ..errors import UserError
+
+# torchvision 0.29 deprecates its image decoders (decode_image here, decode_jpeg in gpu_cache) in
+# favour of TorchCodec, with a DeprecationWarning at every call (each worker's every image). They still
+# work, in torchvision 0.26 too: one filter, set once in the module every decoding module imports,
+# so that no run repeats it (-W default or PYTHONWARNINGS included; pytest re-enables
+# DeprecationWarnings per test, hence the same entry in pyproject.toml). gpu_cache decodes with DALI
+# where it imports (data.gpu_cache.decoder).
+warnings.filterwarnings(
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision",
+    category=DeprecationWarning,
+)
 
 EVAL_GEOMETRIES = ("center_crop", "full")
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of the orientation: 1 = stored upright, 2-8 = flipped/rotated

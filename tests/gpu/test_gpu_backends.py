@@ -69,7 +69,7 @@ def test_cuda_batches_match_the_contract(index, backend, train):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cuda_eval_is_close_to_the_cpu_torch_backend(index, backend):
+def test_cuda_eval_is_close_to_the_cpu_torch_backend(index, backend, measured):
     dev = torch.device("cuda", torch.cuda.current_device())
     ref = list(make_loader("torch", index, cfg(), Shard(), torch.device("cpu"), False, 0).iter_epoch(0))
     got = list(make_loader(backend, index, cfg(), Shard(), dev, False, 0).iter_epoch(0))
@@ -77,10 +77,20 @@ def test_cuda_eval_is_close_to_the_cpu_torch_backend(index, backend):
     got_images = torch.cat([b.images.cpu() for b in got])
     assert torch.equal(torch.cat([b.index.cpu() for b in got]), torch.cat([b.index for b in ref]))
     diff = (got_images - ref_images).abs()
-    print(
-        f"{backend} cuda vs torch cpu eval: mean {diff.mean():.4f}, p99 {diff.flatten().quantile(0.99):.4f}"
+    mean = diff.mean().item()
+    measured(
+        f"{backend} CUDA vs torch CPU eval, p99 |diff| (normalized)",
+        diff.flatten().quantile(0.99).item(),
+        "none",
+        True,
     )
-    assert diff.mean() < EVAL_MEAN_TOL
+    line = measured(
+        f"{backend} CUDA vs torch CPU eval, mean |diff| (normalized)",
+        mean,
+        f"< {EVAL_MEAN_TOL}",
+        mean < EVAL_MEAN_TOL,
+    )
+    assert mean < EVAL_MEAN_TOL, line
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -120,3 +130,17 @@ def test_gpu_cache_under_deterministic_algorithms(index):
     finally:
         torch.use_deterministic_algorithms(False)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_synthetic_epochs_do_not_sync_the_host(index):
+    """The epoch's plan goes to the device from pinned memory: an epoch start waits for nothing."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    for train in (True, False):
+        loader = make_loader("synthetic", index, cfg(), Shard(0, 1), dev, train, 0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call raises
+        try:
+            n = sum(1 for epoch in range(2) for _ in loader.iter_epoch(epoch))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert n == 2 * loader.steps_per_epoch

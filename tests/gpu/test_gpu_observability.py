@@ -1,7 +1,7 @@
 """The observability promises of tests/unit/test_observability.py on a CUDA device, where a host
 read really is a device sync: the training step makes none (``torch.cuda.set_sync_debug_mode``), and
 the profiler trace holds GPU kernels next to the named ranges. Skipped without CUDA; run by
-tests/gpu_check.sh (``pytest -m gpu tests``)."""
+tests/gpu_check.sh (``pytest -m gpu tests/gpu``)."""
 
 from __future__ import annotations
 

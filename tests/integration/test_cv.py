@@ -83,7 +83,7 @@ def test_every_image_in_exactly_one_oof_fold(cv_run, tiny_data):
     cv_dir, _ = cv_run
     labels = read_labels(tiny_data / "train_labels.csv")
     oof = pd.read_csv(cv_dir / "oof.csv", dtype={"name": str})
-    assert list(oof.columns) == ["name", "label", "fold", "probability"]
+    assert list(oof.columns) == ["name", "label", "fold", "probability", "logit"]
     assert not oof["name"].duplicated().any()
     assert sorted(oof["name"]) == sorted(labels["name"])
     by_name = oof.set_index("name")
@@ -102,11 +102,12 @@ def test_oof_auc_is_the_auc_of_oof_csv(cv_run):
     oof = pd.read_csv(cv_dir / "oof.csv", dtype={"name": str})
     summary = json.loads((cv_dir / "cv.json").read_text())
     assert summary["n_folds"] == N_FOLDS and summary["n_images"] == 64
+    assert summary["oof_auc"] == pytest.approx(roc_auc(oof["label"], oof["logit"]), abs=1e-12)
     assert summary["oof_auc"] == pytest.approx(roc_auc(oof["label"], oof["probability"]), abs=1e-12)
     for f in summary["folds"]:
         part = oof[oof["fold"] == f["fold"]]
         assert f["n"] == len(part)
-        assert f["auc"] == pytest.approx(roc_auc(part["label"], part["probability"]), abs=1e-12)
+        assert f["auc"] == pytest.approx(roc_auc(part["label"], part["logit"]), abs=1e-12)
     assert f"OOF AUC {summary['oof_auc']:.4f}" in out
     assert decodes(cv_dir / "roc.png")[0] > 100
 
@@ -135,8 +136,8 @@ def test_predict_cv_dir_ensembles_folds_in_sample_order(cv_run, tiny_data, tmp_p
     assert list(sub["name"]) == list(sample["name"])
     assert sub["invasive"].between(0, 1).all()
     folds = pd.read_csv(tmp_path / "sub_folds.csv", dtype={"name": str})
-    members = folds[[f"fold{k}" for k in range(N_FOLDS)]].to_numpy()
-    np.testing.assert_allclose(sub["invasive"], members.mean(1), rtol=0, atol=1e-12)
+    members = folds[[f"fold{k}_logit" for k in range(N_FOLDS)]].to_numpy()  # logits
+    np.testing.assert_allclose(sub["invasive"], 1 / (1 + np.exp(-members.mean(1))), rtol=1e-12)
 
     rc, log = run_cli(
         "predict", "--run", cv_dir, "--data", tiny_data, "--out", tmp_path / "rank.csv",
@@ -162,8 +163,9 @@ def test_collect_scores_folds_trained_elsewhere(cv_run, tmp_path):
     b = pd.read_csv(arr / "oof.csv", dtype={"name": str})
     assert list(a["name"]) == list(b["name"]) and list(a["fold"]) == list(b["fold"])
     np.testing.assert_allclose(a["probability"], b["probability"], atol=1e-6)
+    np.testing.assert_allclose(a["logit"], b["logit"], atol=1e-5)
     assert json.loads((arr / "cv.json").read_text())["oof_auc"] == pytest.approx(
-        roc_auc(b["label"], b["probability"])
+        roc_auc(b["label"], b["logit"])
     )
 
     shutil.rmtree(arr / "fold2")
@@ -202,9 +204,10 @@ def test_pseudo_labels_train_but_never_validate(cv_run, tiny_data, tmp_path):
     assert rc == 0, out
     assert out.count("skipped") == N_FOLDS
 
-    sub = pd.read_csv(ps / "submission.csv", dtype={"name": str})  # the round-1 fold ensemble
+    folds = pd.read_csv(ps / "submission_folds.csv", dtype={"name": str})  # the round-1 folds
     pseudo = pd.read_csv(ps / "pseudo_round1.csv", dtype={"name": str})
-    p = sub.set_index("name")["invasive"]
+    logits = folds.set_index("name")[[f"fold{k}_logit" for k in range(N_FOLDS)]]
+    p = (1 / (1 + np.exp(-logits))).mean(axis=1)  # the folds' mean probability
     expected = p[(p <= 0.5) | (p >= 0.6)]
     assert list(pseudo["name"]) == list(expected.index) and len(pseudo) > 0
     assert (pseudo["invasive"].to_numpy() == (expected >= 0.6).to_numpy()).all()
@@ -253,6 +256,7 @@ def test_cv_under_torchrun_scores_each_image_once_like_one_process(tiny_data, tm
     single = pd.read_csv(one / "oof.csv", dtype={"name": str})
     assert list(single["name"]) == list(ddp["name"])
     np.testing.assert_allclose(single["probability"], ddp["probability"], atol=1e-5)
+    np.testing.assert_allclose(single["logit"], ddp["logit"], atol=1e-4)
 
 
 def test_cv_refuses_pseudo_rounds_for_one_fold(tiny_data, tmp_path):

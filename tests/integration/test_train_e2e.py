@@ -184,3 +184,60 @@ def test_early_stopping_stops_and_stays_stopped_on_resume(tmp_path, tiny_data, m
     assert train(tmp_path, tiny_data, "es", *args, "resume=auto")[0] == 0
     assert "early stop" in capsys.readouterr().out
     assert [r["epoch"] for r in read_metrics(tmp_path / "es") if "val/auc" in r] == [1, 2, 3]
+
+
+def test_best_breaks_auc_ties_on_loss_and_never_takes_nan(tmp_path, tiny_data, monkeypatch, capsys):
+    """Epoch 1 scores NaN, epochs 2 and 3 the same AUC with a lower loss at 3: best.pt is epoch 3
+    (a NaN best used to stay best for ever, and a tie kept the first epoch), and `report` says so."""
+    from invasive_dist import train as train_mod
+
+    labels = np.array([0.0, 1.0, 0.0, 1.0])
+    by_epoch = {
+        0: np.array([np.nan, np.nan, np.nan, np.nan]),
+        1: np.array([-0.5, 0.5, -0.4, 0.4]),  # AUC 1.0
+        2: np.array([-3.0, 3.0, -2.0, 2.0]),  # AUC 1.0, lower loss
+    }
+
+    def scripted_evaluate(self, model=None):
+        return train_mod.EvalResult(index=np.arange(4), logits=by_epoch[self.epoch], labels=labels)
+
+    monkeypatch.setattr(train_mod.Trainer, "evaluate", scripted_evaluate)
+    rc, run = train(tmp_path, tiny_data, "ties", "train.epochs=3")
+    assert rc == 0
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] == 3 and best["best_auc"] == 1.0
+    val = [r for r in read_metrics(run) if "val/auc" in r]
+    assert np.isnan(val[0]["val/auc"]) and [r["val/is_best"] for r in val] == [0.0, 1.0, 1.0]
+    capsys.readouterr()
+    assert main(["report", "--run", str(run)]) == 0
+    assert "(best, epoch 3;" in capsys.readouterr().out
+
+
+def test_raw_and_ema_both_scored_and_the_better_one_kept(tmp_path, tiny_data, monkeypatch, capsys):
+    """With EMA on, each epoch scores both weights; here the raw ones are better: they are what
+    val/auc reports, what best.pt says to use, what predict loads and what `report` names."""
+    from invasive_dist import train as train_mod
+    from invasive_dist.predict import load_model_for_inference, load_run_config
+
+    labels = np.array([0.0, 1.0, 0.0, 1.0])
+
+    def scripted_evaluate(self, model=None):
+        raw = model is None or model is self.raw_model
+        logits = np.array([-2.0, 2.0, -1.0, 1.0]) if raw else np.array([1.0, -1.0, 2.0, -2.0])
+        return train_mod.EvalResult(index=np.arange(4), logits=logits, labels=labels)
+
+    monkeypatch.setattr(train_mod.Trainer, "evaluate", scripted_evaluate)
+    rc, run = train(tmp_path, tiny_data, "ema", "train.epochs=1", "train.ema_decay=0.9")
+    assert rc == 0
+    assert "raw weights (raw 1.0000/" in capsys.readouterr().out
+    (row,) = [r for r in read_metrics(run) if "val/auc" in r]
+    assert (row["val/auc"], row["val/auc_raw"], row["val/auc_ema"], row["val/ema"]) == (1.0, 1.0, 0.0, 0.0)
+    assert row["val/loss"] == row["val/loss_raw"] < row["val/loss_ema"]
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert (best["best_source"], best["eval_weights"]) == ("raw", "model")
+    model = load_model_for_inference(load_run_config(run), run, "best")
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in best["model"].items())
+    assert not all(torch.equal(loaded[k], v) for k, v in best["ema"].items())
+    assert main(["report", "--run", str(run)]) == 0
+    assert "(best, epoch 1, raw weights;" in capsys.readouterr().out

@@ -213,3 +213,36 @@ def test_bench_config_error_is_a_user_error(tiny_data, tmp_path, capsys):
     assert main(["bench", "--backend", "pil", f"data.root={tiny_data}", f"output.root={tmp_path}"]) == 2
     assert "'pil' is not one of" in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_synthetic_epoch_plan_goes_to_cuda_pinned_and_without_blocking(tiny_data, monkeypatch, train):
+    """At each epoch start the synthetic backend copies the epoch's plan to the device: on CUDA a
+    pageable copy would make the host wait for every queued step. No GPU here, so the copy calls are
+    recorded instead of run (tests/gpu/test_gpu_backends.py runs them under CUDA's sync checks)."""
+    from invasive_dist.config import DataConfig
+    from invasive_dist.data.kaggle import train_index
+    from invasive_dist.data.torch_backend import TorchConfig
+
+    from ..loaders import make_loader
+
+    # num_workers=0: the synthetic backend has no DataLoader.
+    d = DataConfig(image_size=32, batch_size=8, torch=TorchConfig(num_workers=0))
+    loader = make_loader("synthetic", train_index(tiny_data, limit=20), d, train=train)
+    cpu = [b.index for b in loader.iter_epoch(1)]  # the CPU path: plain tensors, no pinning
+    loader.device = torch.device("cuda", 0)  # the CUDA path from here on, its copies recorded
+    copies = []
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if args and isinstance(args[0], torch.device) and args[0].type == "cuda":
+            copies.append(("to cuda", kwargs.get("non_blocking", False)))
+            return self
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: (copies.append("pinned"), self)[1])
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    cuda = [b.index for b in loader.iter_epoch(1)]
+    assert copies == ["pinned", ("to cuda", True)]  # one pinned, non-blocking copy per epoch
+    assert len(cpu) == len(cuda) == loader.steps_per_epoch
+    assert all(torch.equal(a, b) for a, b in zip(cpu, cuda))

@@ -86,3 +86,96 @@ def test_fresh_run_refuses_a_folder_with_a_run(tmp_path):
     assert mixed_run_problem(run, "auto") == ""
     with pytest.raises(UserError, match="already holds a run"):
         refuse_mixed_run(run, "")
+
+
+def damage(path) -> None:
+    """Cut the file short in place, as a full disk or an interrupted copy would (a hard link to it,
+    such as last.pt, sees the same bytes)."""
+    with open(path, "r+b") as f:
+        f.truncate(64)
+
+
+def test_auto_skips_a_damaged_newest_checkpoint_and_says_which(tmp_path, capsys):
+    """Issue 20: the newest step file (and last.pt, its hard link) damaged, an older intact one kept:
+    resume=auto continues from the older one and names what it skipped and why."""
+    c = Checkpointer(tmp_path, keep_last=2)
+    for step in (1, 2, 3):
+        c.save(state(step), step)
+    damage(tmp_path / "step-00000003.pt")
+    path, loaded = c.load_resume("auto")
+    assert path == tmp_path / "step-00000002.pt" and loaded["global_step"] == 2
+    err = capsys.readouterr().err
+    assert f"skipping {c.last} (= step-00000003.pt): it cannot be loaded" in err
+    assert err.count("skipping") == 1  # last.pt and its step file are one file: named once
+    assert f"continuing from {path}, the newest intact checkpoint" in err
+    assert c.load_resume("auto", quiet=True)[0] == path and capsys.readouterr().err == ""  # other ranks
+
+
+def test_no_intact_checkpoint_is_an_error_naming_each(tmp_path):
+    c = Checkpointer(tmp_path, keep_last=2)
+    for step in (1, 2):
+        c.save(state(step), step)
+    for p in c.step_files():
+        damage(p)
+    with pytest.raises(UserError) as e:
+        c.load_resume("auto", quiet=True)
+    msg = str(e.value)
+    assert "no checkpoint in" in msg and "step-00000001.pt" in msg and "step-00000002.pt" in msg
+
+
+def test_a_damaged_named_checkpoint_points_at_auto_not_at_deleting(tmp_path):
+    """The old advice, "delete it to fall back", was wrong while last.pt is a hard link to the file."""
+    c = Checkpointer(tmp_path)
+    c.save(state(1), 1)
+    damage(c.last)
+    with pytest.raises(UserError) as e:
+        c.load_resume(str(c.last))
+    assert "delete it" not in str(e.value) and "resume=auto" in str(e.value)
+
+
+def test_best_weights_hold_only_the_chosen_weights_and_rebuild_the_model(tmp_path):
+    """Issue 24: a weights-only file of the best model, much smaller than a step file with optimizer
+    state, that model.weights (and predict) can load."""
+    from invasive_dist.config import ModelConfig
+    from invasive_dist.models import build_model
+
+    torch.manual_seed(0)
+    model, ema = build_model(ModelConfig(arch="resnet18")), build_model(ModelConfig(arch="resnet18"))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(2, 3, 32, 32)).sum().backward()
+    opt.step()  # AdamW state: two moments per parameter
+    full = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict()}
+    full |= {"global_step": 7, "epoch": 1, "best_auc": 0.9, "config": {"model": {"arch": "resnet18"}}}
+    c = Checkpointer(tmp_path / "checkpoints")
+    c.save(full, 7, is_best=True)
+    w = load_checkpoint(c.best_weights)
+    assert set(w) == {"model", "weights", "config", "epoch", "global_step", "best_auc"}
+    assert w["weights"] == "ema" and w["global_step"] == 7
+    step_size, weights_size = c.step_files()[-1].stat().st_size, c.best_weights.stat().st_size
+    assert weights_size < step_size / 3  # model + EMA + 2 AdamW moments vs one set of weights
+    rebuilt = build_model(ModelConfig(arch="resnet18", weights=str(c.best_weights)))
+    for k, v in rebuilt.state_dict().items():
+        assert torch.equal(v, ema.state_dict()[k]), k  # the EMA weights, as predict uses them
+
+
+def test_resume_auto_refuses_another_runs_folder_without_a_checkpoint(tmp_path):
+    """Issue 24 item 3: a resnet34 run that died before its first checkpoint, then resume=auto with
+    resnet18: refused by name; a fresh run is not offered resume=auto (there is nothing to continue);
+    the same settings (a longer run) may start again there."""
+    from invasive_dist.checkpoint import mixed_run_problem
+    from invasive_dist.config import load_config, save_config
+
+    run = tmp_path / "demo"
+    save_config(load_config(None, ["model.arch=resnet34"]), run / "config.yaml")
+    (run / "metrics.jsonl").write_text('{"step": 10, "epoch": 1, "train/loss": 0.7}\n')
+    fresh = mixed_run_problem(run, "")
+    assert "already holds a run" in fresh and "resume=auto" not in fresh
+    assert "no checkpoint to continue" in fresh and "output.name=demo-2" in fresh
+    other = mixed_run_problem(run, "auto", load_config(None, ["model.arch=resnet18", "optim.lr=0.01"]))
+    assert (
+        "model.arch=resnet18 (the run has resnet34)" in other and "optim.lr=0.01 (the run has 0.1)" in other
+    )
+    same = load_config(
+        None, ["model.arch=resnet34", "train.epochs=9", "dist.timeout_s=60", "data.backend=auto"]
+    )
+    assert mixed_run_problem(run, "auto", same) == ""

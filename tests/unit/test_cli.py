@@ -9,6 +9,7 @@ import pytest
 
 from invasive_dist import __version__
 from invasive_dist.cli import build_parser, main
+from invasive_dist.metrics import read_metrics
 from tests.conftest import FAST_TRAIN
 
 
@@ -124,3 +125,72 @@ def test_report_summarises_one_run_of_a_mixed_folder(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "holds 2 runs (the step count restarts at line 3)" in out
     assert "val/auc        0.8000 (best, epoch 2; last 0.8000)" in out
+
+
+def test_resume_auto_skips_a_damaged_newest_checkpoint(tmp_path, tiny_data, capsys):
+    """Issue 20: the newest step file (last.pt's) cut short, an older intact one kept: resume=auto
+    (as every torchrun restart) continues from the older one and names the one it skipped."""
+    args = ["train", *FAST_TRAIN, f"data.root={tiny_data}", f"output.root={tmp_path}", "output.name=r"]
+    args += ["checkpoint.every_steps=2"]  # 6 steps per epoch: step files 2, 4, 6; keep_last keeps 4 and 6
+    assert main([*args, "train.epochs=1"]) == 0
+    ckpt = tmp_path / "r" / "checkpoints"
+    with open(ckpt / "step-00000006.pt", "r+b") as f:
+        f.truncate(100)  # a full disk or a copy cut short; last.pt is the same file
+    capsys.readouterr()
+    assert main([*args, "resume=auto"]) == 0
+    out, err = capsys.readouterr()
+    assert f"skipping {ckpt / 'last.pt'} (= step-00000006.pt): it cannot be loaded" in err
+    assert f"resumed from {ckpt / 'step-00000004.pt'} at epoch 0 step 4" in out
+    steps = [r["step"] for r in read_metrics(tmp_path / "r") if "train/loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 12  # steps 5-6 trained again, logged once
+
+
+def test_resume_auto_with_another_model_into_a_crashed_runs_folder_is_refused_by_name(tmp_path, capsys):
+    """Issue 24 item 3: a resnet34 run died before its first checkpoint; `resume=auto` with resnet18
+    started from scratch there and mixed both runs' files. Now it is refused, naming the key, and
+    the folder is left as it was."""
+    from invasive_dist.config import load_config, save_config
+
+    run = tmp_path / "r"
+    base = [f"output.root={tmp_path}", "output.name=r", "data.root=nowhere"]
+    save_config(load_config("configs/demo.yaml", [*base, "model.arch=resnet34"]), run / "config.yaml")
+    (run / "metrics.jsonl").write_text('{"step": 10, "epoch": 1, "train/loss": 0.7}\n')
+    before = {p.name: p.read_text() for p in run.iterdir()}
+    assert main(["train", "--config", "configs/demo.yaml", *base, "model.arch=resnet18"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "no checkpoint to continue" in err and "resume=auto" not in err
+    assert main(["train", "--config", "configs/demo.yaml", *base, "model.arch=resnet18", "resume=auto"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "config.yaml does not match this run's settings: model.arch=resnet18 (the run has resnet34)." in err
+    )
+    assert {p.name: p.read_text() for p in run.iterdir()} == before
+
+
+def test_train_without_config_says_it_uses_the_defaults(tmp_path, capsys):
+    """Issue 24: `train` without --config trained on the built-in defaults without a word."""
+    assert main(["train", f"data.root={tmp_path / 'none'}", f"output.root={tmp_path}"]) == 2
+    assert "no --config: training with the built-in defaults" in capsys.readouterr().out
+    assert main(["train", "--config", "configs/demo.yaml", f"data.root={tmp_path / 'none'}"]) == 2
+    assert "built-in defaults" not in capsys.readouterr().out
+
+
+def test_report_into_a_closed_pipe_ends_quietly(tmp_path):
+    """Issue 24: `invasive-dist report | head` ended in a BrokenPipeError traceback. The reader here
+    is gone before the first line (as `| head -0`), so every write fails."""
+    import json
+    import subprocess
+    import sys
+
+    rows = [{"step": 4, "epoch": 1, "val/auc": 0.9, "val/n": 16, "perf/img_per_s": 10.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "invasive_dist", "report", "--run-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141  # 128 + SIGPIPE, as a shell tool killed by it
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

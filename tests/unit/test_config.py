@@ -202,3 +202,58 @@ def test_each_backend_has_its_own_section_and_old_keys_say_where_they_went(tmp_p
         load_config(write(tmp_path, ""), ["data.dali_threads=3"])
     with pytest.raises(UserError, match=r"'data.dali.thread'.*did you mean 'data.dali.threads'"):
         load_config(write(tmp_path, ""), ["data.dali.thread=3"])
+
+
+def test_a_file_with_three_mistakes_reports_all_three(tmp_path):
+    """Issue 24: one run names every problem of a file (an unknown key, a bad value, an impossible
+    value), instead of one per run."""
+    p = write(tmp_path, "train:\n  epochz: 3\n  mixed_precision: fp8\noptim:\n  lr: -1\n")
+    with pytest.raises(UserError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: ")
+    for problem in (
+        "'train.epochz' (did you mean 'train.epochs'?)",
+        "train.mixed_precision: 'fp8'",
+        "optim.lr=-1.0",
+    ):
+        assert problem in msg
+
+
+def test_every_bad_override_is_named_at_once(tmp_path):
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, ""), ["train.epoch=3", "train.epochs=abc", "model.channels_last=2"])
+    msg = str(e.value)
+    for ov in ("train.epoch=3", "train.epochs=abc", "model.channels_last=2"):
+        assert f"command-line override {ov!r}" in msg
+
+
+@pytest.mark.parametrize("value", ["128x96", "128X96", "128*96"])
+def test_image_size_written_as_width_x_height_says_how_to_write_it(value):
+    """Issue 24: `data.image_size=128x96` said "expected an integer"; synth --size is WxH."""
+    with pytest.raises(UserError) as e:
+        load_config(None, [f"data.image_size={value}"])
+    msg = str(e.value)
+    assert "[96, 128]" in msg and "128 wide and 96 high" in msg and "synth --size is WIDTHxHEIGHT" in msg
+    assert load_config(None, ["data.image_size=[96, 128]"]).data.image_size == [96, 128]  # as it says
+
+
+def test_resume_may_change_only_what_does_not_change_what_is_trained():
+    from invasive_dist.config import resume_differences, to_dict
+
+    saved = to_dict(load_config(ROOT / "configs" / "demo.yaml"))
+    allowed = ["train.epochs=30", "dist.timeout_s=60", "data.backend=synthetic", "data.torch.num_workers=4"]
+    allowed += ["output.tensorboard=false", "profile.enabled=true", "checkpoint.every_steps=100"]
+    assert resume_differences(saved, load_config(ROOT / "configs" / "demo.yaml", allowed)) == []
+    for override in (
+        "model.arch=resnet34",
+        "optim.lr=0.5",
+        "data.image_size=64",
+        "seed=3",
+        "optim.weight_decay=0.3",
+    ):
+        key = override.split("=")[0]
+        diffs = resume_differences(saved, load_config(ROOT / "configs" / "demo.yaml", [override]))
+        assert len(diffs) == 1 and diffs[0].startswith(f"{key}="), (override, diffs)
+    del saved["train"]["epochs"]  # a run written before a key existed: the key counts as its default
+    assert resume_differences(saved, load_config(ROOT / "configs" / "demo.yaml", ["train.epochs=5"])) == []

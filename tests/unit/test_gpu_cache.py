@@ -7,19 +7,23 @@ antialias on the same box, then its flips and ``torch.rot90`` in its order; the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from invasive_dist.config import DataConfig
+from invasive_dist.config import DataConfig, load_config
 from invasive_dist.data import gpu_cache
 from invasive_dist.data.base import IMAGENET_MEAN, IMAGENET_STD, Shard
-from invasive_dist.data.gpu_cache import DRAWS, TRIES, crop_plan, fused_crop, uniforms
+from invasive_dist.data.gpu_cache import DRAWS, TRIES, GpuCacheConfig, crop_plan, fused_crop, uniforms
 from invasive_dist.data.kaggle import DataIndex, train_index
 from invasive_dist.data.torch_backend import TorchConfig, decode_rgb, random_resized_crop_params
+from invasive_dist.errors import UserError
 
 from ..loaders import make_loader
 
@@ -176,3 +180,65 @@ def test_train_statistics_agree_with_the_torch_backend_on_real_files(real_sample
     # Different crops of 10 photos: measured differences 0.050 (means) and 0.043 (stds) here.
     torch.testing.assert_close(got[0], ref[0], atol=0.1, rtol=0)
     torch.testing.assert_close(got[1], ref[1], atol=0.1, rtol=0)
+
+
+def test_dali_decoder_builds_the_same_cache(index, capsys):
+    """data.gpu_cache.decoder=dali on a CPU: DALI's CPU decoder (device_id=None) in the code that
+    decodes with DALI's ``mixed`` one on CUDA (tests/gpu runs that). Both decoders are libjpeg-turbo
+    here, so the caches are equal; the default on a CPU stays torchvision."""
+    pytest.importorskip("nvidia.dali", reason="nvidia.dali does not import")
+    for train in (True, False):
+        ref = make_loader("gpu_cache", index, cfg(), Shard(), CPU, train, 0)
+        got = make_loader(
+            "gpu_cache", index, cfg(gpu_cache=GpuCacheConfig(decoder="dali")), Shard(), CPU, train, 0
+        )
+        assert ref.build_info["cache_decoder"] == "torchvision cpu"
+        assert got.build_info["cache_decoder"] == "dali cpu"
+        assert torch.equal(got.images, ref.images)
+    assert "(dali cpu)" in capsys.readouterr().err  # the build's line names its decoder
+
+
+def test_dali_decoder_names_a_file_it_cannot_decode(index, tmp_path):
+    """One broken JPEG fails DALI's whole batch (its message names no file): the files are then
+    decoded one by one on the CPU, and the error names the broken one."""
+    pytest.importorskip("nvidia.dali", reason="nvidia.dali does not import")
+    broken = tmp_path / "broken.jpg"
+    whole = index.paths[3].read_bytes()
+    broken.write_bytes(whole[: len(whole) // 2])  # headers intact (so sent to DALI), data cut short
+    assert not gpu_cache._needs_cpu_decode(broken, broken.read_bytes())
+    paths = list(index.paths)
+    paths[3] = broken
+    bad = dataclasses.replace(index, paths=paths)
+    with pytest.raises(UserError, match="broken.jpg"):
+        make_loader("gpu_cache", bad, cfg(gpu_cache=GpuCacheConfig(decoder="dali")), Shard(), CPU, True, 0)
+
+
+def test_decoder_setting_is_checked():
+    with pytest.raises(
+        UserError, match="data.gpu_cache.decoder='nvjpeg' must be one of auto, dali, torchvision"
+    ):
+        load_config(None, ["data.gpu_cache.decoder=nvjpeg"])
+
+
+def test_torchvision_deprecation_warning_is_filtered_by_the_package(index):
+    """torchvision 0.29 warns at every decode; the package filters it once, so even a run that turns
+    DeprecationWarnings into errors decodes (the torch backend's decode_rgb and gpu_cache's build)."""
+    code = (
+        "import sys, torch; from pathlib import Path; from invasive_dist.data.transforms import decode_rgb; "
+        "from invasive_dist.data.gpu_cache import _decode_or_none; p = Path(sys.argv[1]); decode_rgb(p); "
+        "assert _decode_or_none(torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)) is not None"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "error::DeprecationWarning:torchvision.io.image",
+            "-c",
+            code,
+            str(index.paths[0]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from invasive_dist.errors import UserError
 from invasive_dist.metrics import MetricsWriter, StepTimer, read_metrics, roc_auc, roc_curve, youden_threshold
 
 
@@ -19,6 +20,16 @@ def test_auc_known_values():
     assert roc_auc(np.array([0, 1]), np.array([0.9, 0.2])) == 0.0
     assert roc_auc(np.array([0, 1, 0, 1]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
     assert np.isnan(roc_auc(np.array([1, 1]), np.array([0.1, 0.2])))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_auc_refuses_non_finite_scores(bad):
+    """All-NaN scores used to give 0.75 for these labels: a number that looks like a result."""
+    labels = np.array([0, 0, 1, 1])
+    with pytest.raises(UserError, match="1 of 4 are NaN or infinite"):
+        roc_auc(labels, np.array([0.1, bad, 0.35, 0.8]))
+    with pytest.raises(UserError, match="4 of 4"):
+        roc_auc(labels, np.full(4, bad))
 
 
 def test_auc_matches_pairwise_definition_with_ties():

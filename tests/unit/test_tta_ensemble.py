@@ -1,4 +1,4 @@
-"""Prediction's pure parts: the TTA views and their mean, the fold ensemble (mean and rank mean),
+"""Prediction's pure parts: the TTA views and their mean logit, the fold ensemble (mean and rank mean),
 and ensembles of submission files (rows matched by name, malformed files refused). The end-to-end
 runs are in tests/integration/test_cv.py and test_train_e2e.py."""
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from invasive_dist.errors import UserError
-from invasive_dist.predict import combine, ensemble_files, tta_probs, tta_views
+from invasive_dist.predict import combine, ensemble_files, expit, logit, tta_logits, tta_views
 
 
 def test_dihedral_views_are_the_8_distinct_symmetries():
@@ -36,29 +36,31 @@ def test_tta_leaves_an_invariant_model_unchanged():
         nn.Conv2d(3, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1)
     )
     x = torch.randn(5, 3, 16, 16)
-    ref = tta_probs(invariant, x, "none")
+    ref = tta_logits(invariant, x, "none")
     assert ref.shape == (5,)
     for mode in ("flips", "dihedral"):
-        torch.testing.assert_close(tta_probs(invariant, x, mode), ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(tta_logits(invariant, x, mode), ref, rtol=0, atol=1e-6)
     # ...while a model that sees positions does change, so the views really differ.
     positional = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 1))
-    assert not torch.allclose(tta_probs(positional, x, "dihedral"), tta_probs(positional, x, "none"))
+    assert not torch.allclose(tta_logits(positional, x, "dihedral"), tta_logits(positional, x, "none"))
     # Non-square batches: flips stack, dihedral views are scored one shape at a time.
     wide = torch.randn(2, 3, 8, 12)
     torch.testing.assert_close(
-        tta_probs(invariant, wide, "dihedral"), tta_probs(invariant, wide, "none"), atol=1e-6, rtol=0
+        tta_logits(invariant, wide, "dihedral"), tta_logits(invariant, wide, "none"), atol=1e-6, rtol=0
     )
 
 
 def test_combine_mean_and_rank_mean():
-    # What `invasive-dist predict` does with a CV directory's folds (predict.ensemble).
+    # What `invasive-dist predict` does with a CV directory's folds (predict.ensemble): the
+    # members' logits are combined, the mean one written as a probability.
     probs = np.array([[0.1, 0.4, 0.9], [0.3, 0.2, 0.8]])
-    np.testing.assert_allclose(combine(probs, "mean"), [0.2, 0.3, 0.85])
+    z = logit(probs)
+    np.testing.assert_allclose(combine(z, "mean"), expit(z.mean(0)), rtol=1e-15)
     # Ranks scaled to [0, 1]: row 0 -> 0, .5, 1 and row 1 -> .5, 0, 1.
-    np.testing.assert_allclose(combine(probs, "rank_mean"), [0.25, 0.25, 1.0])
+    np.testing.assert_allclose(combine(z, "rank_mean"), [0.25, 0.25, 1.0])
     np.testing.assert_allclose(combine(np.array([[0.7]]), "rank_mean"), [0.5])  # one image
     with pytest.raises(UserError, match="rank_mean"):
-        combine(probs, "median")
+        combine(z, "median")
 
 
 def test_ensemble_files_mean_and_rank_mean(tmp_path):
@@ -67,10 +69,12 @@ def test_ensemble_files_mean_and_rank_mean(tmp_path):
     b.write_text("name,invasive\r\n1,0.3\r\n2,0.2\r\n3,0.8\r\n")  # CRLF like Kaggle's files
     mean = ensemble_files([a, b], "mean")
     assert list(mean["name"]) == ["1", "2", "3"]
-    np.testing.assert_allclose(mean["invasive"], [0.2, 0.3, 0.85])
+    # The mean of the values' logits, as for folds: the geometric mean of the odds.
+    odds = np.sqrt(np.array([0.1 / 0.9 * 0.3 / 0.7, 0.4 / 0.6 * 0.2 / 0.8, 0.9 / 0.1 * 0.8 / 0.2]))
+    np.testing.assert_allclose(mean["invasive"], odds / (1 + odds), rtol=1e-12)
     # Ranks scaled to [0, 1]: a -> 0, .5, 1 and b -> .5, 0, 1.
     np.testing.assert_allclose(ensemble_files([a, b], "rank_mean")["invasive"], [0.25, 0.25, 1.0])
-    np.testing.assert_allclose(combine(np.array([[0.2, 0.2, 0.7]]), "rank_mean"), [0.25, 0.25, 1.0])
+    np.testing.assert_allclose(combine(logit(np.array([[0.2, 0.2, 0.7]])), "rank_mean"), [0.25, 0.25, 1.0])
     c.write_text("name,invasive\n1,0.1\n3,0.9\n2,0.4\n")
     with pytest.raises(UserError, match=r"c\.csv.*row 3"):
         ensemble_files([a, c], "mean")

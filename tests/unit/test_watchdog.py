@@ -152,3 +152,28 @@ def test_sigterm_while_blocked_in_a_wait_ends_after_the_grace(in_wait):
         assert elapsed < 10, elapsed
     else:
         assert p.returncode == 0 and "left to the step boundary" in out, out
+
+
+def test_stop_flag_destroys_its_gloo_group_on_close(tmp_path):
+    """Issue 20: cv makes one StopFlag per fold and pseudo-label round in one process; each made a
+    gloo group that was never destroyed, so they piled up. Closing one destroys its group."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    from invasive_dist.watchdog import StopFlag, Watchdog
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    # One process stands in for the ranks: StopFlag makes its group whenever world_size > 1.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        groups = len(c10d._world.pg_map)
+        for _fold in range(3):
+            stop = StopFlag(2, 30, Watchdog(0, 30))
+            assert len(c10d._world.pg_map) == groups + 1
+            assert stop.agreed() is False  # the group works while open
+            group = stop.group
+            stop.close()
+            assert len(c10d._world.pg_map) == groups and group not in c10d._world.pg_map
+    finally:
+        dist.destroy_process_group()
