@@ -533,7 +533,11 @@ def _continue_hint(args) -> tuple[str, str]:
     except UserError:
         pass
     per_node = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    cmd = " ".join(["launch/train.sh", "-n", per_node, args.config or "CONFIG", *overrides, "resume=auto"])
+    # Fewer processes keep the global batch only with the accumulation derived (elastic resume).
+    auto = [] if "train.grad_accum=auto" in overrides else ["train.grad_accum=auto"]
+    cmd = shlex.join(
+        ["launch/train.sh", "-n", per_node, args.config or "CONFIG", *overrides, *auto, "resume=auto"]
+    )
     return (
         ckpt_line,
         f"{cmd}  (here alone; on several nodes add --nnodes M --node-rank R --master HOST:PORT on each).",

@@ -243,6 +243,11 @@ def record_hosts() -> None:
     HOSTS.extend(tuple(t) for t in table)
 
 
+def rank_host(rank: int) -> str:
+    """``rank 3 (node2)``: a rank and the host it runs on, as :func:`record_hosts` found it."""
+    return f"rank {rank} ({HOSTS[rank][0]})" if rank < len(HOSTS) else f"rank {rank}"
+
+
 def is_peer_failure(error: BaseException) -> bool:
     """A collective that failed because another rank is gone or silent (gloo or NCCL)."""
     if isinstance(error, getattr(dist, "DistError", ())):
@@ -288,7 +293,8 @@ def peer_failure_message(
     """One paragraph for the survivors of a lost peer: who, where, what is safe, how to continue."""
     me = HOSTS[rank][0] if rank < len(HOSTS) else socket.gethostname()
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    first = re.sub(r"^\[[^\]]*(gloo|nccl)[^\]]*\]\s*", "", first, flags=re.IGNORECASE)[:300]
+    first = re.sub(r"^\[[^\]]*(gloo|nccl)[^\]]*\]\s*", "", first, flags=re.IGNORECASE)
+    first = first.split(" This is typically caused", 1)[0][:300]  # gloo's generic advice
     at = f" at step {step}" if step is not None else ""
     return (
         f"rank {rank} on {me}: {lost_peer(error, rank)}{at} ({first}). {checkpoint} "
