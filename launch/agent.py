@@ -81,19 +81,21 @@ def _master(argv: list[str]) -> str:
 
 def bound_agent(status_dir: Path, master: str, grace_s: float = AGENT_GRACE_S) -> None:
     """Thread body: end this process ``grace_s`` after its last worker ended (see the docstring)."""
-    me, seen, gone_at = os.getpid(), False, None
+    me, seen, gone_at = os.getpid(), 0, None  # seen: the most workers alive at once
     while True:
         time.sleep(1.0)
-        if _children(me):
-            seen, gone_at = True, None
+        kids = _children(me)
+        if kids:
+            seen, gone_at = max(seen, len(kids)), None
             continue
         if not seen:
             continue  # still in the first rendezvous: torchrun's join timeout bounds it
         gone_at = gone_at or time.monotonic()
         if time.monotonic() - gone_at >= grace_s:
-            code = node_exit_code(worker_codes(status_dir))
-            if code == 0 and len(worker_codes(status_dir)) == 0:
-                code = 1  # the workers died without a word
+            codes = worker_codes(status_dir)
+            code = node_exit_code(codes)
+            if code == 0 and len(codes) < seen:
+                code = 1  # a worker died without a word (SIGKILL, the OOM killer)
             state = "finished" if code == 0 else f"ended (exit code {code})"
             print(
                 f"launch: this node's workers {state} {grace_s:.0f} s ago and torchrun is still waiting "
