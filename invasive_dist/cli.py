@@ -44,7 +44,14 @@ from .cv import cmd_cv
 from .data import BACKENDS
 from .data.check import check_data
 from .data.synth import synthesize
-from .distributed import accelerator_from_env
+from .distributed import (
+    EXIT_PEER_LOST,
+    accelerator_from_env,
+    claim_report,
+    is_peer_failure,
+    peer_failure_message,
+    record_exit,
+)
 from .eda import run_eda
 from .errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
 from .metrics import read_metrics, roc_auc
@@ -509,21 +516,72 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _continue_hint(args) -> tuple[str, str]:
+    """(the last checkpoint in words, the command that continues) for a run that lost a peer."""
+    if args.command != "train":
+        return "", f"run the same command again (invasive-dist {args.command} ...)."
+    overrides = [o for o in args.overrides if not o.startswith("resume=")]
+    ckpt_line = ""
+    try:
+        cfg = load_config(args.config, overrides)
+        newest = Checkpointer(cfg.run_dir / "checkpoints").newest()
+        ckpt_line = (
+            f"The last intact checkpoint is {newest[0]} (step {newest[1]})."
+            if newest
+            else f"No checkpoint was saved yet in {cfg.run_dir}: resume=auto starts the run over."
+        )
+    except UserError:
+        pass
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    # Fewer processes keep the global batch only with the accumulation derived (elastic resume).
+    auto = [] if "train.grad_accum=auto" in overrides else ["train.grad_accum=auto"]
+    cmd = shlex.join(
+        ["launch/train.sh", "-n", per_node, args.config or "CONFIG", *overrides, *auto, "resume=auto"]
+    )
+    return (
+        ckpt_line,
+        f"{cmd}  (here alone; on several nodes add --nnodes M --node-rank R --master HOST:PORT on each).",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    code = None  # set when this process ends with a message of its own (told to the launcher)
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        return code
     except UserError as e:
-        print(f"invasive-dist {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        # Every rank usually hits the same error: one message per node under the launch scripts.
+        if claim_report("user-error"):
+            print(f"invasive-dist {args.command}: error: {e}", file=sys.stderr)
+        code = EXIT_USER_ERROR
+        return code
     except KeyboardInterrupt:
-        return 130
+        code = 130
+        return code
     except BrokenPipeError:  # `invasive-dist report | head`: the reader left; end quietly, as cat does
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 128 + signal.SIGPIPE
     except Preempted:
-        return EXIT_PREEMPTED
+        code = EXIT_PREEMPTED
+        return code
+    except Exception as e:
+        if not (dist.is_available() and dist.is_initialized() and is_peer_failure(e)):
+            raise  # a bug: its traceback
+        if claim_report("peer-failure"):
+            ckpt_line, command = _continue_hint(args)
+            rank = dist.get_rank()
+            msg = peer_failure_message(e, rank, getattr(e, "global_step", None), ckpt_line, command)
+            print(f"invasive-dist {args.command}: error: {msg}", file=sys.stderr, flush=True)
+        code = EXIT_PEER_LOST
+        return code
     finally:
+        if code is not None:
+            record_exit(code)
         if dist.is_available() and dist.is_initialized():
+            if code == EXIT_PEER_LOST:
+                # destroy_process_group would wait on the lost peer; the process ends anyway.
+                sys.stderr.flush()
+                os._exit(code)
             dist.destroy_process_group()

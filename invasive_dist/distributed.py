@@ -4,23 +4,42 @@
     accelerator = build_accelerator(cfg, world)
     accelerator, world = accelerator_from_env(cfg)   # the two in one call (what commands use)
     threads = cores_per_process()                    # this process's share of the node's CPU cores
+    if is_peer_failure(err):                         # a host lost: who, where, how to continue
+        print(peer_failure_message(err, rank, step, checkpoint_line, command))
 
 Launchers: plain ``python`` (one process), ``torchrun`` (single- or multi-node, c10d rendezvous),
 ``accelerate launch`` (which sets the same RANK/WORLD_SIZE/LOCAL_RANK variables), and Slurm
 (``slurm/train.sbatch`` runs one torchrun agent per node through ``srun``). The process-group
 backend is NCCL on GPUs and gloo on CPU unless ``dist.backend`` says otherwise.
+
+**A lost peer.** When a host dies, freezes or drops off the network, a collective fails on the
+survivors: gloo reports "Connection reset/closed by peer [ADDR]" at once when the peer's kernel
+closed its sockets (the host's processes were killed), or "Timed out waiting ...ms" after
+``dist.timeout_s`` when nothing answers (a frozen host, a cut link). :func:`build_accelerator`
+records which host each rank runs on (one all-gather at start), so that
+:func:`peer_failure_message` can name the lost host and its ranks, the step, the last intact
+checkpoint and the command that continues; ``cli.main`` prints it instead of a traceback.
+
+**Exit status for the launcher.** Under ``launch/train.sh`` (``launch/agent.py``) each process
+records its exit status in ``$INVASIVE_DIST_STATUS_DIR`` (:func:`record_exit`) when it ends with a
+message of its own; the launcher then passes that code on (2 for a user error) without torchrun's
+banner, and :func:`claim_report` lets one process per node print a message that every rank hits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list
 
@@ -157,12 +176,14 @@ def build_accelerator(cfg, world: WorldInfo) -> Accelerator:
     if world.world_size > 1:  # a backend given to a single process would make Accelerate init one
         timeout = timedelta(seconds=cfg.dist.timeout_s)
         handlers.append(InitProcessGroupKwargs(backend=_backend(cfg, use_cuda), timeout=timeout))
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not use_cuda,
         mixed_precision=cfg.train.mixed_precision,
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
     )
+    record_hosts()
+    return accelerator
 
 
 def accelerator_from_env(cfg) -> tuple[Accelerator, WorldInfo]:
@@ -191,3 +212,121 @@ def decided_by_main(accelerator, decide: Callable[[], object]):
     if not ok:
         raise value
     return value
+
+
+# ------------------------------------------------------------------------------------------------
+# Who runs where, and what to say when a peer is lost.
+
+# rank -> (hostname, address), filled by record_hosts() at start; empty in a single process.
+HOSTS: list[tuple[str, str]] = []
+STATUS_ENV = "INVASIVE_DIST_STATUS_DIR"  # set by launch/agent.py; node-local
+EXIT_PEER_LOST = 1  # a collective failed because another rank is gone or silent
+_ADDR = re.compile(r"\[(\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F:]+)\]:\d+")
+_PEER_WORDS = ("closed by peer", "reset by peer", "timed out", "connection refused", "broken pipe")
+
+
+def _my_address() -> tuple[str, str]:
+    name = socket.gethostname()
+    try:
+        return name, socket.gethostbyname(name)  # the address gloo binds by default
+    except OSError:
+        return name, ""
+
+
+def record_hosts() -> None:
+    """Every rank's (hostname, address) into :data:`HOSTS` (collective; a no-op in one process)."""
+    HOSTS.clear()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    table: list = [None] * dist.get_world_size()
+    dist.all_gather_object(table, _my_address())
+    HOSTS.extend(tuple(t) for t in table)
+
+
+def rank_host(rank: int) -> str:
+    """``rank 3 (node2)``: a rank and the host it runs on, as :func:`record_hosts` found it."""
+    return f"rank {rank} ({HOSTS[rank][0]})" if rank < len(HOSTS) else f"rank {rank}"
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """A collective that failed because another rank is gone or silent (gloo or NCCL)."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    if not isinstance(error, RuntimeError):
+        return False
+    text = str(error).lower()
+    return ("gloo" in text or "nccl" in text) and any(w in text for w in _PEER_WORDS)
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    return f"rank{'s' if len(ranks) != 1 else ''} {', '.join(map(str, ranks))}"
+
+
+def lost_peer(error: BaseException, rank: int) -> str:
+    """Which host and ranks ``error`` points at, in words: the peer address gloo names when the
+    peer's sockets were closed, else (a timeout) the ranks that run on other hosts."""
+    me = HOSTS[rank][0] if rank < len(HOSTS) else socket.gethostname()
+    m = _ADDR.search(str(error))
+    if m and HOSTS:
+        addr = m.group(1)
+        ranks = [r for r, (_, a) in enumerate(HOSTS) if a == addr]
+        if ranks:
+            host = HOSTS[ranks[0]][0]
+            if host != me:
+                return f"lost {_ranks_text(ranks)} on {host} ({addr}): its connections were closed (the host or its processes died)"
+        with contextlib.suppress(OSError):
+            return f"lost the rank at {socket.gethostbyaddr(addr)[0]} ({addr})"
+        return f"lost the rank at {addr}"
+    others: dict[str, list[int]] = {}
+    for r, (host, _) in enumerate(HOSTS):
+        if host != me:
+            others.setdefault(host, []).append(r)
+    where = "; ".join(f"{_ranks_text(rs)} on {h}" for h, rs in others.items())
+    return "the other ranks stopped answering" + (
+        f" (on other hosts: {where}; a host down, frozen or cut off the network)" if where else ""
+    )
+
+
+def peer_failure_message(
+    error: BaseException, rank: int, step: int | None, checkpoint: str, command: str
+) -> str:
+    """One paragraph for the survivors of a lost peer: who, where, what is safe, how to continue."""
+    me = HOSTS[rank][0] if rank < len(HOSTS) else socket.gethostname()
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = re.sub(r"^\[[^\]]*(gloo|nccl)[^\]]*\]\s*", "", first, flags=re.IGNORECASE)
+    first = first.split(" This is typically caused", 1)[0][:300]  # gloo's generic advice
+    at = f" at step {step}" if step is not None else ""
+    return (
+        f"rank {rank} on {me}: {lost_peer(error, rank)}{at} ({first}). {checkpoint} "
+        f"To continue, on the same or fewer nodes: {command}"
+    )
+
+
+def _status_dir() -> Path | None:
+    d = os.environ.get(STATUS_ENV, "")
+    return Path(d) if d and Path(d).is_dir() else None
+
+
+def claim_report(kind: str) -> bool:
+    """True for the first process of this node that asks (one message per node for an error every
+    rank hits); True everywhere without the launcher's status folder."""
+    d = _status_dir()
+    if d is None:
+        return True
+    try:
+        os.close(os.open(d / f"reported-{kind}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+
+
+def record_exit(code: int) -> None:
+    """Tell the launcher (launch/agent.py) this process ends with ``code`` after its own message."""
+    d = _status_dir()
+    if d is None:
+        return
+    rank = os.environ.get("RANK", "0")
+    with contextlib.suppress(OSError):
+        (d / f"rank-{rank}").write_text(f"{code}\n")

@@ -44,7 +44,7 @@ from .build import BatchPlan, Data, build_data, build_model_on, resolve_batch, r
 from .checkpoint import Checkpointer, refuse_mixed_run
 from .config import Config, save_config, to_dict
 from .data import Shard
-from .distributed import WorldInfo
+from .distributed import WorldInfo, rank_host
 from .errors import Preempted, UserError
 from .evaluation import EvalResult, score
 from .faults import NO_FAULTS, Faults
@@ -505,6 +505,9 @@ class Trainer:
                     self.save(is_best=is_best)
                     if self._max_steps_reached():
                         break
+        except RuntimeError as e:  # e.g. a lost peer: cli.main names the step it happened at
+            e.global_step = self.global_step
+            raise
         finally:
             self._stop.close()  # also closes the watchdog
             self._watch = NO_WATCHDOG
@@ -625,6 +628,14 @@ class Trainer:
         bad_steps = int(round(bad))
         good = max(n - bad_steps, 1)
         perf = timer.read(self.shard.world)
+        worst = ""
+        if self.shard.world > 1:  # each rank's input wait: a slow node's pipeline vs a slow node or link
+            with self._watch.waiting("a collective (the log interval's data-wait gather)"):
+                local = torch.tensor([perf["perf/data_wait_frac"]], device=self.device)
+                waits = acc.gather(local).tolist()
+            r = max(range(len(waits)), key=waits.__getitem__)
+            perf["perf/data_wait_frac_max"], perf["perf/data_wait_max_rank"] = waits[r], float(r)
+            worst = f" (max {100 * waits[r]:.0f}% on {rank_host(r)})"
         metrics = {
             "train/loss": loss,
             "train/lr": self.scheduler.get_last_lr()[-1],
@@ -665,6 +676,7 @@ class Trainer:
         self.log(
             f"epoch {self.epoch + 1} step {self.step_in_epoch}/{self.steps_per_epoch} (global {self.global_step}): "
             f"loss {loss:.4f} lr {metrics['train/lr']:.3g} {perf['perf/img_per_s']:.1f} img/s "
-            f"data-wait {100 * perf['perf/data_wait_frac']:.0f}% | {time.strftime('%H:%M:%S')} "
+            f"data-wait {100 * perf['perf/data_wait_frac']:.0f}%{worst} step {perf['perf/step_time_s']:.2f}s | "
+            f"{time.strftime('%H:%M:%S')} "
             f"ETA epoch {self._epoch_eta.line(self.step_in_epoch)} run {self._run_eta.line(self.global_step)}"
         )

@@ -47,6 +47,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .distributed import is_peer_failure, record_exit
 from .errors import EXIT_PREEMPTED
 
 # torchrun and Slurm (KillWait) give 30 s between SIGTERM and SIGKILL; 20 s leaves 10 s for the
@@ -119,6 +120,7 @@ class Watchdog:
         )
         with contextlib.suppress(Exception):
             sys.stdout.flush()
+        record_exit(code)  # the launcher passes the code on, without its own banner
         try:
             sys.stderr.write(msg + "\n")
             sys.stderr.flush()
@@ -226,8 +228,10 @@ class StopFlag:
         with self.watchdog.waiting(what, self.timeout_s + COLLECTIVE_MARGIN_S):
             try:
                 dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-            except RuntimeError as e:  # the group's timeout: a peer is gone or hung
-                self.watchdog.report(what, time.monotonic() - t0, str(e).strip().splitlines()[0][:400])
+            except RuntimeError as e:  # a peer is gone or hung: cli.main says which, and how to continue
+                if not is_peer_failure(e):
+                    self.watchdog.report(what, time.monotonic() - t0, str(e).strip().splitlines()[0][:400])
+                raise
         return bool(t.item())
 
     def close(self) -> None:

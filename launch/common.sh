@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Shared by launch/train.sh and launch/predict.sh (sourced, not run): launcher options -> torchrun.
 #
-# Parses   [-n NPROC | --gpus N] [--nnodes M --node-rank R --master ADDR:PORT] [--dry-run]
+# Parses   [-n NPROC | --gpus N] [--nnodes M --node-rank R --master ADDR:PORT] [--dry-run] [--config FILE]
 # and builds the torchrun part of the command line in the array TORCHRUN_CMD:
 #   one node:    torchrun --standalone --nnodes=1 --nproc_per_node=N
 #   M nodes:     torchrun --nnodes=M --node_rank=R --nproc_per_node=N --rdzv_backend=c10d
@@ -64,6 +64,7 @@ NNODES=1
 NODE_RANK=""
 MASTER=""
 DRY_RUN=0
+CONFIG_OPT="" # --config FILE (launch/train.sh)
 REST=()
 
 # parse_launch_args "$@": consumes the launcher options, leaves everything else in REST (in order).
@@ -111,6 +112,16 @@ parse_launch_args() {
             --dry-run)
                 DRY_RUN=1
                 ;;
+            --config)
+                # What every invasive-dist command takes: the same as CONFIG in first position.
+                if [[ -z $val ]]; then
+                    (($# >= 2)) || die "--config needs a value (a YAML file such as configs/demo.yaml)"
+                    val=$2
+                    shift
+                fi
+                [[ -z $CONFIG_OPT ]] || die "--config given twice"
+                CONFIG_OPT=$val
+                ;;
             --)
                 shift
                 REST+=("$@")
@@ -152,7 +163,10 @@ build_torchrun() {
     fi
 }
 
-# run_cmd CMD...: prints the command (shell-quoted), then replaces this shell with it.
+# run_cmd TORCHRUN ARGS...: prints the torchrun command (shell-quoted), then replaces this shell with
+# it, run through launch/agent.py by the Python beside torchrun: torchrun's own main in that process,
+# plus the exit code a worker already explained (2 for a user error) without torchrun's banner, and
+# an agent that does not wait on an unreachable rendezvous store long after its workers ended.
 run_cmd() {
     printf '+' >&2
     printf ' %q' "$@" >&2
@@ -163,5 +177,10 @@ run_cmd() {
     # Workers restarted by torchrun (--max-restarts) otherwise read the previous attempt's
     # addresses from the agent's shared store and fail to connect (pytorch/pytorch#135712).
     export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
-    exec "$@"
+    local py
+    py=$(dirname "$1")/python
+    if [[ -x $py && -f $REPO/launch/agent.py ]]; then
+        exec "$py" "$REPO/launch/agent.py" "${@:2}"
+    fi
+    exec "$@" # a torchrun without a Python beside it (a wrapper): as it is
 }

@@ -51,6 +51,7 @@ while (($#)); do
     esac
 done
 parse_launch_args "${ARGS[@]}"
+[[ -z $CONFIG_OPT ]] || die "--config: predict reads the run's own config (RUN_DIR/config.yaml); change settings with key.path=value"
 [[ -n $RUN ]] || die "missing --run-dir RUN_DIR (a training run directory)"
 [[ -n $DATA ]] || die "missing --data DATA_DIR (a folder with test/ and sample_submission.csv)"
 [[ -d $RUN ]] || die "--run-dir '$RUN' is not a directory (a training run or CV directory)"

@@ -7,8 +7,9 @@
 #   launch/train.sh --nnodes 2 --node-rank 0 --master node001:29500 configs/r50.yaml
 #   launch/train.sh --nnodes 2 --node-rank 1 --master node001:29500 configs/r50.yaml
 #
-# Exit status: the training's (0; 2 for a user error such as a bad config key; 143 after a
-# SIGTERM/SIGUSR1 made it save and stop; torchrun itself reports 1 when it was signalled).
+# Exit status: the training's (0; 2 for a user error such as a bad config key, printed once per
+# node; 1 when a peer was lost, with a message naming it and the command that continues; 143 after
+# a SIGTERM/SIGUSR1 made it save and stop; torchrun itself reports 1 when it was signalled).
 set -euo pipefail
 
 PROG=launch/train.sh
@@ -17,7 +18,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 usage() {
     cat <<USAGE
 Usage: $PROG [-n NPROC | --gpus N] [--nnodes M --node-rank R --master ADDR:PORT] [--dry-run]
-             CONFIG [key.path=value ...]
+             CONFIG [key.path=value ...]        (or --config CONFIG)
 
 Runs: torchrun ... -m invasive_dist train --config CONFIG key.path=value ...
 
@@ -34,9 +35,14 @@ USAGE
 source "$REPO/launch/common.sh"
 
 parse_launch_args "$@"
-((${#REST[@]} >= 1)) || die "missing CONFIG (a YAML file such as configs/demo.yaml)"
-CONFIG=${REST[0]}
-OVERRIDES=("${REST[@]:1}")
+if [[ -n $CONFIG_OPT ]]; then # --config FILE, as the other commands take it
+    CONFIG=$CONFIG_OPT
+    OVERRIDES=("${REST[@]}")
+else
+    ((${#REST[@]} >= 1)) || die "missing CONFIG (a YAML file such as configs/demo.yaml)"
+    CONFIG=${REST[0]}
+    OVERRIDES=("${REST[@]:1}")
+fi
 [[ -f $CONFIG ]] || die "CONFIG '$CONFIG' is not a file"
 for ov in "${OVERRIDES[@]}"; do
     [[ $ov == *=* ]] || die "override '$ov' is not of the form key.path=value (e.g. train.epochs=3)"

@@ -101,16 +101,22 @@ job_torchrun() {
     # Evaluated on each node by the bash that srun starts there: the first node of the allocation
     # (SLURM_NODEID 0) hosts the c10d store, without relying on its name matching the host's own.
     # shellcheck disable=SC2016
-    local agent='exec torchrun --nnodes="$SLURM_NNODES" --nproc_per_node="$0" \
+    # torchrun runs through launch/agent.py (as launch/train.sh runs it): a worker's own exit code
+    # (2 for a user error, printed once per node) instead of torchrun's 1 and its banner, and an
+    # agent that does not wait on a rendezvous store that is gone.
+    local agent='py=$(dirname "$(command -v torchrun)")/python
+        run=(torchrun)
+        if [[ -x $py && -f $2/launch/agent.py ]]; then run=("$py" "$2/launch/agent.py"); fi
+        exec "${run[@]}" --nnodes="$SLURM_NNODES" --nproc_per_node="$0" \
         --rdzv_backend=c10d --rdzv_endpoint="$1" --rdzv_id="$SLURM_JOB_ID" \
         --rdzv_conf=is_host=$([[ $SLURM_NODEID == 0 ]] && echo true || echo false) \
-        -m invasive_dist "${@:2}"'
+        -m invasive_dist "${@:3}"'
     trap 'job_on_signal USR1' USR1
     trap 'job_on_signal TERM' TERM
     # --cpus-per-task: the step gets every CPU of the node (data-loading workers), not Slurm's 1.
     srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
         --kill-on-bad-exit=1 \
-        bash -c "$agent" "$NPROC" "$MASTER_ADDR:$MASTER_PORT" "$sub" "$@" &
+        bash -c "$agent" "$NPROC" "$MASTER_ADDR:$MASTER_PORT" "$REPO" "$sub" "$@" &
     local pid=$!
     # `wait` returns early when a trapped signal arrives; wait again until srun itself has ended.
     while :; do

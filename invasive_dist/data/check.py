@@ -24,9 +24,12 @@ What is checked (``Problem.kind``; fatal unless marked *warning*):
 - the test set, listed by ``sample_submission.csv`` (or test/ when it is absent): the same image
   checks and file/name checks with a ``test-`` prefix (``test-missing`` when there is no test set).
 
-Not detected: a file cut short whose remains end in an end-of-image marker by chance (or were
-"repaired" by appending one) decodes in Pillow and torchvision alike, with grey rows at the bottom;
-libjpeg only warns. An interrupted copy has no such marker and is found.
+Damaged in the middle: an end-of-image marker inside the compressed data with more image data after
+it (e.g. markers written over the middle of the file) is ``corrupt`` (:func:`premature_end`): Pillow
+decodes such a file without an error, the rest of it grey, and libjpeg only warns. Not detected: a
+file cut short whose remains end in an end-of-image marker by chance (or were "repaired" by
+appending one), which decodes with grey rows at the bottom in Pillow and torchvision alike. An
+interrupted copy has no such marker and is found.
 
 Per-image train problems (and rows with a non-integer name) put the name into ``bad_names``:
 ``data.on_bad_file=skip`` trains without those images. Problems with the label file itself (header,
@@ -62,7 +65,7 @@ from .transforms import exif_orientation
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
-CACHE_VERSION = 1  # bump when the checks change, so old cached reports are not trusted
+CACHE_VERSION = 2  # bump when the checks change, so old cached reports are not trusted
 
 # Kinds whose train name goes into bad_names (so on_bad_file=skip can exclude the image).
 SKIPPABLE = frozenset(
@@ -219,6 +222,55 @@ def inspect_image(
         return [Problem(prefix + "unreadable", key, msg, True)]
 
 
+# Markers without a length field: TEM, RST0-7, SOI, EOI.
+_STANDALONE = frozenset([0x01, *range(0xD0, 0xDA)])
+
+
+def premature_end(data: bytes) -> int | None:
+    """The offset of an end-of-image marker that ends the compressed image data before the end of
+    the file, when image data follows it and the file ends in another one: a file whose middle was
+    overwritten (or two pieces joined). libjpeg stops at the first marker, only warns ("Corrupt JPEG
+    data: premature end of data segment") and fills the rest with grey; Pillow shows no warning at
+    all. None for a whole file, also one with a trailer after its end (an appended thumbnail starts
+    with its own start-of-image marker; app trailers do not end in an end-of-image marker).
+
+    Walks the segments (each marker's length) to the first scan, then the scan data, where 0xFF is
+    only ever followed by 0x00 (a stuffed byte), a restart marker or the marker that ends the scan;
+    progressive files repeat tables + scan until the end-of-image marker."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None  # not a marker where one must be: leave it to the decoder
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:  # EOI
+            rest = data[i + 2 :].rstrip(b"\x00")
+            while rest.startswith(JPEG_EOI):
+                rest = rest[2:].rstrip(b"\x00")
+            if rest and not rest.startswith(JPEG_MAGIC[:2]) and rest.endswith(JPEG_EOI):
+                return i
+            return None
+        if marker in _STANDALONE:
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        i += 2 + length
+        if marker != 0xDA:  # not a start of scan
+            continue
+        while True:  # the scan's data: to the next marker that is not a restart marker
+            i = data.find(b"\xff", i)
+            if i < 0 or i + 1 >= n:
+                return None
+            nxt = data[i + 1]
+            if nxt == 0x00 or 0xD0 <= nxt <= 0xD7 or nxt == 0xFF:
+                i += 1 if nxt == 0xFF else 2
+                continue
+            break
+    return None
+
+
 def _inspect_image(path: Path, decode: bool, grayscale_cmyk: str, prefix: str, key: str) -> list[Problem]:
     def problem(kind: str, message: str, fatal: bool = True) -> list[Problem]:
         return [Problem(prefix + kind, key, f"{path}: {message}", fatal)]
@@ -248,6 +300,14 @@ def _inspect_image(path: Path, decode: bool, grayscale_cmyk: str, prefix: str, k
         return problem(
             "truncated",
             f"JPEG is truncated ({len(data)} bytes, no end-of-image marker); copy it again or {_SKIP_HINT}",
+        )
+    early = premature_end(data) if decode and ends_ok else None
+    if early is not None:
+        return problem(
+            "corrupt",
+            f"JPEG image data is damaged: an end-of-image marker at byte {early} of {len(data)}, inside the "
+            "compressed image data, stops the decoders there (the rest decodes as flat grey, with no error "
+            f"from Pillow; GPU decoders may refuse it); copy it again or {_SKIP_HINT}",
         )
     try:
         with Image.open(io.BytesIO(data)) as im:

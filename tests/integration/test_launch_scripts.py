@@ -96,6 +96,46 @@ def test_train_sh_builds_the_torchrun_command(tmp_path):
     ) in out
 
 
+def test_train_sh_takes_config_as_every_command_does(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    for args in (["--config", str(cfg)], [f"--config={cfg}"]):
+        rc, out = sh("--dry-run", "-n", "2", *args, "train.epochs=1")
+        assert rc == 0, out
+        assert f"-m invasive_dist train --config {cfg} train.epochs=1" in out, out
+
+
+@pytest.mark.slow  # two ranks under torchrun (about 1 min on 2 busy cores)
+def test_a_user_error_under_train_sh_prints_one_line_and_exits_2(tmp_path, tiny_data):
+    """Both ranks refuse a folder that holds another run: one message, no torchrun banner, exit 2."""
+    taken = tmp_path / "runs" / "taken"
+    taken.mkdir(parents=True)
+    (taken / "metrics.jsonl").write_text('{"step": 1, "train/loss": 0.5}\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    p = subprocess.run(
+        [
+            TRAIN_SH,
+            "-n",
+            "2",
+            "--config",
+            cfg,
+            f"data.root={tiny_data}",
+            f"output.root={taken.parent}",
+            "output.name=taken",
+        ],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out
+    assert out.count("invasive-dist train: error:") == 1 and "already holds a run" in out, out
+    assert "Traceback" not in out and "ChildFailedError" not in out, out
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -278,6 +278,24 @@ def test_trailing_bytes_after_the_image_are_a_warning(data):
     assert r.ok and not p.fatal and str(path) in p.message
 
 
+def test_jpeg_with_end_markers_written_over_its_middle_is_corrupt(data):
+    """Pillow decodes such a file without an error (the lower part flat grey); the check names it.
+    A JPEG appended after the image (a phone's thumbnail trailer) still passes."""
+    path = data / "train" / "5.jpg"
+    good = path.read_bytes()
+    mid = len(good) // 2
+    damaged = good[:mid] + b"\xff\xd9" * 16 + good[mid + 32 :]  # same length
+    assert len(damaged) == len(good)
+    path.write_bytes(damaged)
+    with Image.open(path) as im:
+        im.load()  # no error: what the check must not rely on
+    p = only(check_data(data), "corrupt")
+    assert p.fatal and str(path) in p.message and "end-of-image marker" in p.message
+    assert p.path_or_name == "5"
+    path.write_bytes(good + good)  # another whole JPEG after the image: a trailer, not damage
+    assert check_data(data).ok
+
+
 def test_headers_only_mode_finds_file_level_problems_but_not_bad_entropy_data(data):
     (data / "train" / "8.jpg").write_bytes(b"")
     nine = data / "train" / "9.jpg"

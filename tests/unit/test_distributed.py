@@ -96,3 +96,52 @@ def test_cores_follow_affinity_and_quota(monkeypatch, tmp_path):
     # Slurm --cpus-per-task=6 binds each rank: its 6 are its share, whatever the node's rank count.
     _machine(monkeypatch, tmp_path, 64, 6, {})
     assert (distributed.usable_cores(), distributed.cores_per_process(eight)) == (6, 6)
+
+
+# ------------------------------------------------------------------------------------------------
+# A lost peer, in words (the gloo messages as torch 2.14 raises them).
+RESET = (
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [10.213.0.2]:64659: "
+    "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the "
+    "application. Check the logs of the remote worker before reporting an error. GLHF!"
+)
+TIMEOUT = (
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+    "20000ms for recv operation to complete"
+)
+
+
+@pytest.fixture
+def two_hosts(monkeypatch):
+    from invasive_dist import distributed
+
+    table = [("node1", "10.213.0.1")] * 2 + [("node2", "10.213.0.2")] * 2
+    monkeypatch.setattr(distributed, "HOSTS", table)
+    return distributed
+
+
+def test_a_closed_connection_names_the_lost_host_and_its_ranks(two_hosts):
+    e = RuntimeError(RESET)
+    assert two_hosts.is_peer_failure(e)
+    msg = two_hosts.peer_failure_message(
+        e, 0, 7, "The last intact checkpoint is X (step 6).", "CMD resume=auto"
+    )
+    assert msg.startswith("rank 0 on node1: lost ranks 2, 3 on node2 (10.213.0.2)")
+    assert "at step 7 (Read error [10.213.0.2]:64659: Connection reset by peer.)" in msg
+    assert msg.endswith(
+        "The last intact checkpoint is X (step 6). To continue, on the same or fewer nodes: CMD resume=auto"
+    )
+    assert "GLHF" not in msg and "pair.cc" not in msg
+
+
+def test_a_timeout_names_the_ranks_on_the_other_hosts(two_hosts):
+    e = RuntimeError(TIMEOUT)
+    assert two_hosts.is_peer_failure(e)
+    msg = two_hosts.peer_failure_message(e, 2, None, "", "CMD")
+    assert "rank 2 on node2: the other ranks stopped answering (on other hosts: ranks 0, 1 on node1;" in msg
+    assert "Timed out waiting 20000ms" in msg
+
+
+def test_other_runtime_errors_are_bugs_not_lost_peers(two_hosts):
+    assert not two_hosts.is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not two_hosts.is_peer_failure(ValueError("timed out reset by peer gloo"))
