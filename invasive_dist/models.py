@@ -37,6 +37,8 @@ class OneLogitHead(nn.Linear):
     mantissa (at logit 3 its steps are 1/64), which ties distinct predictions and costs AUC."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.amp.is_autocast_available(x.device.type):
+            return super().forward(x)  # the meta device (shape checks): there is no autocast to leave
         with torch.autocast(x.device.type, enabled=False):
             return super().forward(x.float())
 
