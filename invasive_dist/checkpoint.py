@@ -25,13 +25,22 @@ clone`` refuses a non-empty folder; otherwise the second run's steps 1..N would 
 in ``metrics.jsonl`` and ``tb/``. A continued run (``resume=auto`` or a path) into a folder whose
 ``config.yaml`` differs from its settings in a key that changes what is trained
 (``config.resume_differences``) is refused too, naming the keys.
+
+Fencing: the main process of every attempt claims the folder (:meth:`Checkpointer.claim` writes
+``checkpoints/OWNER``: a fresh token, host, pid, time), and every checkpoint file is renamed into
+place only while that file still holds its token. A process that was frozen (a stopped host, a
+suspended VM) and thaws after another attempt took over therefore never replaces that attempt's
+``last.pt``: it stops with :class:`FencedOut`, naming the attempt that owns the folder.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +59,13 @@ def _torch_save(obj: Any, tmp: Path) -> None:
         torch.save(obj, f)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, path: Path, fence=None) -> None:
     """``torch.save`` through :func:`files.atomic_write` with fsync (see the module docstring)."""
-    atomic_write(path, lambda tmp: _torch_save(obj, tmp), durable=True)
+    atomic_write(path, lambda tmp: _torch_save(obj, tmp), durable=True, fence=fence)
+
+
+class FencedOut(RuntimeError):
+    """This process's attempt no longer owns the run folder: another attempt claimed it."""
 
 
 def _first_line(e: Exception) -> str:
@@ -178,6 +191,37 @@ class Checkpointer:
     def __init__(self, directory: Path, keep_last: int = 2) -> None:
         self.dir = Path(directory)
         self.keep_last = max(1, keep_last)
+        self.token = ""  # set by claim(): saves are then fenced on it
+
+    @property
+    def owner_file(self) -> Path:
+        return self.dir / "OWNER"
+
+    def claim(self) -> None:
+        """Make this attempt the folder's owner (main process, before its first save)."""
+        self.token = uuid.uuid4().hex
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        atomic_write(
+            self.owner_file,
+            lambda tmp: tmp.write_text(
+                f"{self.token} {socket.gethostname()} pid {os.getpid()} since {stamp}\n"
+            ),
+            durable=True,
+        )
+
+    def _fence(self) -> None:
+        if not self.token:
+            return
+        try:
+            owner = self.owner_file.read_text().strip()
+        except OSError:
+            owner = ""
+        if owner.split(" ", 1)[0] != self.token:
+            who = owner.split(" ", 1)[1] if " " in owner else "nobody (the file is gone)"
+            raise FencedOut(
+                f"{self.dir} now belongs to another attempt ({who}): this process was stopped or cut off "
+                "while that attempt took over the run, so it ends without writing a checkpoint"
+            )
 
     @property
     def last(self) -> Path:
@@ -199,11 +243,11 @@ class Checkpointer:
 
     def save(self, state: dict, step: int, is_best: bool = False) -> Path:
         path = self.dir / f"step-{step:08d}.pt"
-        atomic_torch_save(state, path)
-        atomic_link(path, self.last, durable=True)
+        atomic_torch_save(state, path, fence=self._fence)
+        atomic_link(path, self.last, durable=True, fence=self._fence)
         if is_best:
-            atomic_link(path, self.best, durable=True)
-            atomic_torch_save(weights_only(state), self.best_weights)
+            atomic_link(path, self.best, durable=True, fence=self._fence)
+            atomic_torch_save(weights_only(state), self.best_weights, fence=self._fence)
         for old in self.step_files()[: -self.keep_last]:
             old.unlink(missing_ok=True)
         remove_stale_temps(self.dir)  # leftovers of a crash in an earlier write

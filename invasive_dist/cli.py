@@ -38,7 +38,7 @@ import yaml
 from . import __version__
 from .analysis import cmd_analyze, cv_report
 from .bench import cmd_bench
-from .checkpoint import Checkpointer, refuse_mixed_run
+from .checkpoint import Checkpointer, FencedOut, refuse_mixed_run
 from .config import Config, describe, field_comments, load_config
 from .cv import cmd_cv
 from .data import BACKENDS
@@ -119,6 +119,7 @@ def cmd_synth(args) -> int:
         seed=args.seed,
         workers=args.workers,
         flowers=args.flowers,
+        difficulty=args.difficulty,
     )
     print(summary.format())
     return 0
@@ -317,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
     s.add_argument("--workers", type=int, default=1, help="processes (the result does not depend on it)")
     s.add_argument("--flowers", choices=("anywhere", "edges"), default="anywhere", help="flower heads")
+    s.add_argument(
+        "--difficulty",
+        choices=("easy", "hard"),
+        default="easy",
+        help="hard: small, hidden, washed-out flower heads among look-alikes (docs/model-quality.md)",
+    )
     s.set_defaults(fn=cmd_synth)
 
     s = sub.add_parser("check-data", help="check a data folder; exit 0 only when it is usable")
@@ -565,6 +572,10 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGPIPE
     except Preempted:
         code = EXIT_PREEMPTED
+        return code
+    except FencedOut as e:  # thawed after another attempt took the run over: it keeps the folder
+        print(f"invasive-dist {args.command}: error: {e}", file=sys.stderr, flush=True)
+        code = EXIT_PEER_LOST
         return code
     except Exception as e:
         if not (dist.is_available() and dist.is_initialized() and is_peer_failure(e)):

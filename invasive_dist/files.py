@@ -61,18 +61,28 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], Any], durable: bool = False) -> Path:
+def atomic_write(
+    path: str | Path,
+    write: Callable[[Path], Any],
+    durable: bool = False,
+    fence: Callable[[], None] | None = None,
+) -> Path:
     """Call ``write(tmp)``, then rename ``tmp`` to ``path`` (parents created). Returns ``path``.
 
-    ``durable``: fsync the file before the rename and the folder after it."""
+    ``durable``: fsync the file before the rename and the folder after it. ``fence``: called
+    right before the rename; whatever it raises cancels the write (the temp file is removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     tmp.unlink(missing_ok=True)  # a leftover of a crashed process that had the same pid
     try:
         write(tmp)
+        if fence is not None:
+            fence()  # also before the fsync: a new owner's first save removed our temp file
         if durable:
             _fsync(tmp)
+        if fence is not None:
+            fence()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -89,9 +99,11 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def atomic_link(src: str | Path, dst: str | Path, durable: bool = False) -> Path:
+def atomic_link(
+    src: str | Path, dst: str | Path, durable: bool = False, fence: Callable[[], None] | None = None
+) -> Path:
     """Make ``dst`` a hard link to ``src`` (a copy where links are not supported), atomically."""
-    return atomic_write(dst, lambda tmp: _link_or_copy(Path(src), tmp), durable=durable)
+    return atomic_write(dst, lambda tmp: _link_or_copy(Path(src), tmp), durable=durable, fence=fence)
 
 
 def write_text(path: str | Path, text: str) -> Path:

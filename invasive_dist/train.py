@@ -428,6 +428,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # The resolved file holds the per-device batch this run used.
             save_config(resolved_config(cfg, self.plan), self.run_dir / "config.yaml")
+            self.ckpt.claim()  # an earlier attempt that thaws later can no longer replace our files
         state, self._resume_state = self._resume_state, None  # the trainer keeps no second copy
         if state is not None:
             self.load_state_dict(state)

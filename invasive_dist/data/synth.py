@@ -20,6 +20,15 @@ hidden behind leaves. Distractors appear in both classes with the same probabili
 flower heads carry the label: white/yellow small flowers, flat white umbels, orange flower spikes,
 brown soil patches, sky.
 
+``difficulty="hard"`` (``synth --difficulty hard``) is closer to the real photos' problem, where a
+recipe's choices show in the AUC: 1-2 small heads (radius 3.5-8 % of the shorter side, 4-10 px at
+128 px), desaturated towards the foliage, a third of them near the left or right edge, each with
+leaves drawn over it; in both classes, with the same probabilities, look-alikes: violet and lilac
+blossom clusters of round florets (no four-petal structure), white-green domes of four-petal
+florets (an unripe head, the wrong colour), violet-tinted foliage; and a harsher camera: wider
+exposure and white-balance range, defocus blur on a third of the images, JPEG quality 35-95 per
+image. The default ``"easy"`` level is the drawing above, unchanged.
+
 Determinism: each image is drawn from ``np.random.default_rng([seed, split, name])`` and the labels
 from ``[seed, split, 0]`` (names start at 1), so a seed gives byte-identical files whatever
 ``workers`` is (with the same Pillow/libjpeg build).
@@ -54,6 +63,7 @@ SPLITS = {"train": 1, "test": 2}  # part of every image's seed, so train/5 and t
 _LABEL_STREAM = 0  # rng entropy [seed, split, 0] draws the labels; image names start at 1
 MANIFEST = "synth.json"
 FLOWER_PLACES = ("anywhere", "edges")  # where flower heads go (synthesize's ``flowers``)
+DIFFICULTIES = ("easy", "hard")  # synthesize's ``difficulty``; see the module docstring
 FORMAT_VERSION = 1  # bump when the drawing changes, so an old folder is regenerated, not resumed
 
 # Flower-head base colours (RGB): light blue, blue, blue-violet, violet, lilac, pink-purple.
@@ -262,18 +272,30 @@ EDGE_BAND = (0.02, 0.12)
 
 
 def _flower_head(
-    draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int, s: int, edges: bool = False
-) -> None:
+    draw: ImageDraw.ImageDraw,
+    rng: np.random.Generator,
+    w: int,
+    h: int,
+    s: int,
+    edges: bool = False,
+    hard: bool = False,
+    palette: np.ndarray = HYDRANGEA_COLOURS,
+) -> tuple[float, float, float]:
     """One hydrangea-like head: a shadowed dome covered with four-petal florets of one shade;
-    ``edges``: centred near the left or right edge (``EDGE_BAND``)."""
-    big_r = s * rng.uniform(0.08, 0.18)
+    ``edges``: centred near the left or right edge (``EDGE_BAND``); ``hard``: smaller and
+    desaturated towards the foliage. ``palette``: the shades to draw from (a look-alike passes
+    others). Returns (cx, cy, radius)."""
+    big_r = s * (rng.uniform(0.035, 0.08) if hard else rng.uniform(0.08, 0.18))
     cx, cy = rng.uniform(0.08 * w, 0.92 * w), rng.uniform(0.08 * h, 0.92 * h)
     if edges:
         cx = w * rng.uniform(*EDGE_BAND)
         if rng.random() < 0.5:
             cx = w - cx
     squash = rng.uniform(0.78, 1.0)
-    base = HYDRANGEA_COLOURS[rng.integers(0, len(HYDRANGEA_COLOURS))] * rng.uniform(0.88, 1.08, 3)
+    base = palette[rng.integers(0, len(palette))] * rng.uniform(0.88, 1.08, 3)
+    if hard:  # washed towards the foliage: seen through haze, in shade, past its best
+        mix = rng.uniform(0.15, 0.45)
+        base = (1 - mix) * base + mix * np.array([95, 120, 80], np.float32)
     draw.ellipse(
         [cx - 0.95 * big_r, cy - 0.95 * big_r * squash, cx + 0.95 * big_r, cy + 0.95 * big_r * squash],
         fill=_fill(0.35 * base + 0.65 * np.array([20, 45, 18])),
@@ -297,13 +319,77 @@ def _flower_head(
             draw.ellipse([px - pr, py - pr, px + pr, py + pr], fill=c)
         e = max(0.5, floret_r * 0.14)
         draw.ellipse([x - e, y - e, x + e, y + e], fill=_fill(np.clip(colours[i] * 1.2 + 25, 0, 255)))
+    return cx, cy, big_r
+
+
+# Hard level's look-alikes (both classes): lilac/violet/blue blossom shades, and the white-green
+# of an unripe head.
+LOOKALIKE_BLOSSOMS = np.array(
+    [(170, 140, 215), (140, 120, 205), (185, 160, 230), (120, 135, 215), (200, 150, 210)], dtype=np.float32
+)
+UNRIPE_HEADS = np.array([(205, 225, 170), (225, 235, 205), (180, 210, 150)], dtype=np.float32)
+
+
+def _blossom_clusters(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int, s: int) -> None:
+    """Hard level, both classes: violet/lilac clusters of round florets (lavender, clover, asters):
+    the hydrangea's colours without its four-petal florets on a dome."""
+    for _ in range(int(rng.integers(1, 4))):
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        r = s * rng.uniform(0.025, 0.07)
+        n = int(rng.integers(12, 40))
+        rad = r * np.sqrt(rng.random(n))
+        phi = rng.uniform(0, 2 * np.pi, n)
+        base = LOOKALIKE_BLOSSOMS[rng.integers(0, len(LOOKALIKE_BLOSSOMS))]
+        dot = max(1.0, r * rng.uniform(0.12, 0.2))
+        for x, y in zip(cx + rad * np.cos(phi), cy + rad * np.sin(phi) * rng.uniform(0.6, 1.6)):
+            c = np.clip(base * rng.uniform(0.7, 1.1), 0, 255)
+            draw.ellipse([x - dot, y - dot, x + dot, y + dot], fill=_fill(c))
+
+
+def _violet_foliage(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int, s: int) -> None:
+    """Hard level, both classes: leaves tinted violet (purple-leaved shrubs, a magenta cast)."""
+    n = int(rng.integers(10, 40))
+    cx, cy = rng.uniform(0, w, n), rng.uniform(0, h, n)
+    length = s * rng.uniform(0.02, 0.06, n)
+    polys = _leaf_polygons(cx, cy, length, length * rng.uniform(0.3, 0.55, n), rng.uniform(0, np.pi, n))
+    tint = np.stack([rng.uniform(80, 150, n), rng.uniform(50, 95, n), rng.uniform(95, 165, n)], axis=1)
+    for i in range(n):
+        draw.polygon(polys[i].tolist(), fill=_fill(tint[i]))
+
+
+def _occlude(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, head: tuple[float, float, float], s: int
+) -> None:
+    """Hard level: leaves drawn over a flower head, hiding part of it."""
+    cx, cy, r = head
+    n = int(rng.integers(2, 7))
+    phi = rng.uniform(0, 2 * np.pi, n)
+    dist = r * rng.uniform(0.3, 1.1, n)
+    length = r * rng.uniform(0.6, 1.3, n)
+    polys = _leaf_polygons(
+        cx + dist * np.cos(phi),
+        cy + dist * np.sin(phi),
+        length,
+        length * rng.uniform(0.3, 0.55, n),
+        rng.uniform(0, np.pi, n),
+    )
+    colours = _greens(rng, n)
+    for i in range(n):
+        draw.polygon(polys[i].tolist(), fill=_fill(colours[i]))
 
 
 def render_image(
-    rng: np.random.Generator, size: tuple[int, int], invasive: bool, flowers: str = "anywhere"
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    invasive: bool,
+    flowers: str = "anywhere",
+    difficulty: str = "easy",
 ) -> Image.Image:
     """One synthetic photo, drawn from ``rng`` (width, height); flower heads iff ``invasive``,
-    anywhere or (``flowers="edges"``) near the left and right edges."""
+    anywhere or (``flowers="edges"``) near the left and right edges; ``difficulty``: see the
+    module docstring."""
+    if difficulty == "hard":
+        return _render_hard(rng, size, invasive)
     w, h = size
     s = min(w, h)
     img = _background(rng, w, h)
@@ -339,6 +425,54 @@ def render_image(
     return out.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.3, 0.8) * s / 866 + 0.2))
 
 
+def _render_hard(rng: np.random.Generator, size: tuple[int, int], invasive: bool) -> Image.Image:
+    w, h = size
+    s = min(w, h)
+    img = _background(rng, w, h)
+    draw = ImageDraw.Draw(img)
+    _grass(draw, rng, w, h, s)
+    if rng.random() < 0.35:
+        _soil(draw, rng, w, h, s)
+    _branches(draw, rng, w, h, s)
+    _leaves(draw, rng, w, h, s, int(rng.integers(220, 420)))
+    # Distractors and look-alikes: the same draws in both classes.
+    if rng.random() < 0.5:
+        _violet_foliage(draw, rng, w, h, s)
+    if rng.random() < 0.6:
+        _small_flowers(draw, rng, w, h, s)
+    if rng.random() < 0.55:
+        _blossom_clusters(draw, rng, w, h, s)
+    if rng.random() < 0.3:
+        for _ in range(int(rng.integers(1, 3))):
+            _flower_head(draw, rng, w, h, s, hard=True, palette=UNRIPE_HEADS)
+    if rng.random() < 0.3:
+        _umbels(draw, rng, w, h, s)
+    if rng.random() < 0.2:
+        _orange_spikes(draw, rng, w, h, s)
+    if invasive:
+        for _ in range(1 if rng.random() < 0.7 else 2):
+            head = _flower_head(draw, rng, w, h, s, edges=rng.random() < 0.33, hard=True)
+            _occlude(draw, rng, head, s)
+    _leaves(draw, rng, w, h, s, int(rng.integers(15, 60)))
+
+    # A harsher camera than the easy level's: exposure, white balance, haze, defocus, noise.
+    arr = np.asarray(img, dtype=np.float32)
+    gain = rng.uniform(0.55, 1.35) * rng.uniform(0.86, 1.14, 3)
+    gx, gy = rng.normal(0, 1, 2)
+    ramp = (
+        np.linspace(-1, 1, w, dtype=np.float32)[None, :] * gx
+        + np.linspace(-1, 1, h, dtype=np.float32)[:, None] * gy
+    ) / 2
+    haze = rng.uniform(0.0, 0.25)
+    arr = (arr * gain + (24 * ramp)[..., None]) * (1 - haze) + 150 * haze
+    arr += rng.standard_normal(arr.shape, dtype=np.float32) * np.float32(rng.uniform(2, 9))
+    out = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    radius = rng.uniform(0.3, 0.8) * s / 866 + 0.2
+    if rng.random() < 0.33:  # out of focus
+        radius += rng.uniform(1.0, 3.0) * s / 866
+    return out.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
 def image_rng(seed: int, split: str, name: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS[split], name])
 
@@ -360,9 +494,12 @@ def _csv_bytes(rows: list[tuple[int, str]], newline: str) -> bytes:
     return (newline.join(lines) + newline).encode()
 
 
-def _write_image(task: tuple[Path, str, int, int, tuple[int, int], int, int, str]) -> None:
-    path, split, name, label, size, seed, quality, flowers = task
-    img = render_image(image_rng(seed, split, name), size, bool(label), flowers)
+def _write_image(task: tuple[Path, str, int, int, tuple[int, int], int, int, str, str]) -> None:
+    path, split, name, label, size, seed, quality, flowers, difficulty = task
+    rng = image_rng(seed, split, name)
+    img = render_image(rng, size, bool(label), flowers, difficulty)
+    if difficulty == "hard":  # phones and trail cameras: the quality varies from shot to shot
+        quality = min(quality, int(rng.integers(35, 96)))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality, subsampling=0, progressive=False, optimize=False)
     write_bytes(path, buf.getvalue())
@@ -405,13 +542,15 @@ def synthesize(
     quality: int = 90,
     workers: int = 1,
     flowers: str = "anywhere",
+    difficulty: str = "easy",
 ) -> SynthSummary:
     """Write a synthetic data set in the Kaggle layout to ``out`` (see the module docstring).
 
     The defaults match the real competition: 2,295 train and 1,531 test images of 1154x866,
     63 % invasive. ``workers`` > 1 renders in that many processes; the files are the same.
     ``flowers="edges"`` puts every flower head near the left or right edge (``EDGE_BAND``), where a
-    centre crop does not see it: the set that measures ``data.eval_geometry``."""
+    centre crop does not see it: the set that measures ``data.eval_geometry``.
+    ``difficulty="hard"``: small, hidden, washed-out heads among look-alikes (module docstring)."""
     out = Path(out)
     w, h = (int(v) for v in size)
     problems = []
@@ -431,6 +570,12 @@ def synthesize(
         problems.append(f"workers={workers} must be >= 1")
     if flowers not in FLOWER_PLACES:
         problems.append(f"flowers={flowers!r} must be one of {', '.join(FLOWER_PLACES)}")
+    if difficulty not in DIFFICULTIES:
+        problems.append(f"difficulty={difficulty!r} must be one of {', '.join(DIFFICULTIES)}")
+    if difficulty == "hard" and flowers != "anywhere":
+        problems.append(
+            "flowers=edges is an easy-level option (the hard level puts a third of its heads near the edges)"
+        )
     if problems:
         raise UserError("synth: " + "; ".join(problems))
 
@@ -446,6 +591,8 @@ def synthesize(
     }
     if flowers != "anywhere":
         params["flowers"] = flowers  # only then: the default's manifest is what it always was
+    if difficulty != "easy":
+        params["difficulty"] = difficulty
     keep = _prepare(out, params)
     labels = {
         split: draw_labels(seed, split, n, positive_frac)
@@ -456,7 +603,7 @@ def synthesize(
         for name, label in enumerate(split_labels.tolist(), start=1):
             path = out / split / f"{name}.jpg"
             if not (keep and path.is_file()):
-                tasks.append((path, split, name, label, (w, h), seed, quality, flowers))
+                tasks.append((path, split, name, label, (w, h), seed, quality, flowers, difficulty))
     if workers > 1 and len(tasks) > 1:
         # fork where it exists: spawn would re-import torch (via invasive_dist.data) in every worker.
         methods = mp.get_all_start_methods()

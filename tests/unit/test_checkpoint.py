@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from invasive_dist.checkpoint import Checkpointer, atomic_torch_save, load_checkpoint, weights_only
+from invasive_dist.checkpoint import Checkpointer, FencedOut, atomic_torch_save, load_checkpoint, weights_only
 from invasive_dist.errors import UserError
 
 
@@ -198,3 +198,52 @@ def test_best_weights_are_the_weights_that_validated_better():
     assert weights_only({"model": raw, "ema": ema, "eval_weights": "ema"})["model"] is ema
     assert weights_only({"model": raw, "ema": ema})["model"] is ema
     assert weights_only({"model": raw, "ema": None})["weights"] == "model"
+
+
+def _state(step: int) -> dict:
+    return {"step": step, "w": torch.full((2,), float(step))}
+
+
+def test_an_attempt_that_lost_the_folder_never_replaces_the_new_owners_files(tmp_path):
+    """A host frozen for longer than dist.timeout_s thaws after the survivors continued the run
+    (resume=auto, a new attempt): its main process must not rename its checkpoint into place."""
+    old = Checkpointer(tmp_path / "checkpoints")
+    old.claim()
+    old.save(_state(4), 4)
+    new = Checkpointer(tmp_path / "checkpoints")  # the continuing attempt, on another host
+    new.claim()
+    new.save(_state(6), 6)
+    with pytest.raises(FencedOut, match="another attempt .*pid"):
+        old.save(_state(5), 5)
+    assert load_checkpoint(new.last)["step"] == 6
+    assert not (tmp_path / "checkpoints" / "step-00000005.pt").exists()
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_a_takeover_during_the_write_cancels_the_rename(tmp_path, monkeypatch):
+    """The window the fence closes: frozen after the write started, thawed after the takeover."""
+    import invasive_dist.checkpoint as ck
+
+    old = Checkpointer(tmp_path / "checkpoints")
+    old.claim()
+    old.save(_state(4), 4)
+    new = Checkpointer(tmp_path / "checkpoints")
+    real = ck._torch_save
+
+    def frozen_mid_write(obj, tmp):
+        real(obj, tmp)
+        if obj["step"] == 5:  # the old attempt, stopped here; meanwhile the new one takes over
+            new.claim()
+            new.save(_state(6), 6)
+
+    monkeypatch.setattr(ck, "_torch_save", frozen_mid_write)
+    with pytest.raises(FencedOut):
+        old.save(_state(5), 5)
+    assert load_checkpoint(new.last)["step"] == 6
+    assert not (tmp_path / "checkpoints" / "step-00000005.pt").exists()
+
+
+def test_an_unclaimed_checkpointer_saves_as_before(tmp_path):
+    ckpt = Checkpointer(tmp_path / "c")
+    ckpt.save(_state(1), 1)
+    assert load_checkpoint(ckpt.last)["step"] == 1 and not ckpt.owner_file.exists()

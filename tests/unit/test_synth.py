@@ -178,3 +178,48 @@ def test_refuses_a_folder_that_is_not_synthetic(tmp_path):
 def test_bad_arguments_are_user_errors(tmp_path, kw, word):
     with pytest.raises(UserError, match=word):
         synthesize(tmp_path / "x", **{**SMALL, **kw})
+
+
+def colour_score_auc(difficulty: str, n: int = 60) -> float:
+    """AUC of the crude colour score of test_flower_heads_follow_the_labels on ``difficulty``."""
+    scores, labels = [], []
+    for name in range(1, n + 1):
+        invasive = name % 2 == 1
+        img = render_image(image_rng(3, "train", name), (96, 72), invasive, difficulty=difficulty)
+        a = np.asarray(img).astype(int)
+        g, b = a[..., 1], a[..., 2]
+        scores.append(((b > g + 30) & (b > 110)).mean())
+        labels.append(invasive)
+    s, y = np.array(scores), np.array(labels)
+    return float((s[y][:, None] > s[~y][None, :]).mean() + 0.5 * (s[y][:, None] == s[~y][None, :]).mean())
+
+
+def test_hard_level_defeats_the_colour_shortcut():
+    """On the hard level the look-alikes carry the hydrangea's colours into both classes: the
+    pixel-colour score that separates the easy level (> 0.9) is near chance there."""
+    assert colour_score_auc("hard") < 0.75
+
+
+def test_hard_level_is_deterministic_recorded_and_varies_jpeg_quality(tmp_path):
+    a = synthesize(tmp_path / "a", seed=0, difficulty="hard", **SMALL).out
+    b = synthesize(tmp_path / "b", seed=0, difficulty="hard", workers=2, **SMALL).out
+    assert tree_bytes(a) == tree_bytes(b)
+    assert '"difficulty": "hard"' in (a / "synth.json").read_text()
+    easy = synthesize(tmp_path / "e", seed=0, **SMALL).out
+    assert "difficulty" not in (easy / "synth.json").read_text()  # old easy folders stay valid
+    assert tree_bytes(a / "train") != tree_bytes(easy / "train")
+    tables = set()
+    for p in sorted((a / "train").glob("*.jpg")):
+        with Image.open(p) as im:
+            tables.add(tuple(im.quantization[0]))
+            assert sof_marker(p.read_bytes()) == 0xC0  # still baseline, as the real files
+    assert len(tables) > 3, "the hard level draws a JPEG quality per image"
+
+
+@pytest.mark.parametrize(
+    "kw, word",
+    [(dict(difficulty="extreme"), "difficulty"), (dict(difficulty="hard", flowers="edges"), "flowers")],
+)
+def test_bad_difficulty_is_a_user_error(tmp_path, kw, word):
+    with pytest.raises(UserError, match=word):
+        synthesize(tmp_path / "x", **{**SMALL, **kw})
