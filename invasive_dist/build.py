@@ -180,7 +180,9 @@ def build_data(
     # whether 2 x 16 x 1 or 2 x 8 x 2; the last step wraps to the epoch's first 28 samples).
     steps = -(-len(train_idx) // plan.global_batch)
     train_loader = build_loader(loader_spec(cfg, acc, plan, train_idx, True, faults), d) if train else None
-    val_loader = build_loader(loader_spec(cfg, acc, plan, val_idx, False, faults), d) if val else None
+    # data_hang is a training worker's: the validation workers count their own samples, and their
+    # prefetch of the next pass would reach the same count at a moment no test could name.
+    val_loader = build_loader(loader_spec(cfg, acc, plan, val_idx, False), d) if val else None
     return Data(train_idx, val_idx, train_loader, val_loader, steps)
 
 

@@ -35,10 +35,13 @@ suspended VM) and thaws after another attempt took over therefore never replaces
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -62,6 +65,26 @@ def _torch_save(obj: Any, tmp: Path) -> None:
 def atomic_torch_save(obj: Any, path: Path, fence=None) -> None:
     """``torch.save`` through :func:`files.atomic_write` with fsync (see the module docstring)."""
     atomic_write(path, lambda tmp: _torch_save(obj, tmp), durable=True, fence=fence)
+
+
+@contextlib.contextmanager
+def _ctrl_c_after_the_write():
+    """Ctrl-C during a save takes effect when the save is done: a KeyboardInterrupt inside
+    ``torch.save`` leaves its zip writer broken (``unexpected pos``), a traceback and no file."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        if callable(previous):
+            previous(signal.SIGINT, pending[0])
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
 
 
 class FencedOut(RuntimeError):
@@ -243,11 +266,12 @@ class Checkpointer:
 
     def save(self, state: dict, step: int, is_best: bool = False) -> Path:
         path = self.dir / f"step-{step:08d}.pt"
-        atomic_torch_save(state, path, fence=self._fence)
-        atomic_link(path, self.last, durable=True, fence=self._fence)
-        if is_best:
-            atomic_link(path, self.best, durable=True, fence=self._fence)
-            atomic_torch_save(weights_only(state), self.best_weights, fence=self._fence)
+        with _ctrl_c_after_the_write():
+            atomic_torch_save(state, path, fence=self._fence)
+            atomic_link(path, self.last, durable=True, fence=self._fence)
+            if is_best:
+                atomic_link(path, self.best, durable=True, fence=self._fence)
+                atomic_torch_save(weights_only(state), self.best_weights, fence=self._fence)
         for old in self.step_files()[: -self.keep_last]:
             old.unlink(missing_ok=True)
         remove_stale_temps(self.dir)  # leftovers of a crash in an earlier write

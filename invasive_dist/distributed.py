@@ -255,6 +255,8 @@ def is_peer_failure(error: BaseException) -> bool:
     if not isinstance(error, RuntimeError):
         return False
     text = str(error).lower()
+    if "application timeout caused pair closure" in text:  # gloo, the second rank of a node whose
+        return True  # peer timed out: no "gloo" in it (seen from DDP's all-reduce in backward)
     return ("gloo" in text or "nccl" in text) and any(w in text for w in _PEER_WORDS)
 
 

@@ -5,7 +5,7 @@
     save_crash@4   the process dies in the middle of writing the checkpoint of step 4
     hang@3:1       rank 1 stops responding after step 3, before the next collective (the bound on
                    collectives, ``dist.timeout_s``, ends the job)
-    data_hang@5:1  a DataLoader worker of rank 1 sleeps forever when asked for its 5th sample (the
+    data_hang@5:1  a training DataLoader worker of rank 1 sleeps forever when asked for its 5th sample (the
                    bound on the data wait ends the job); torch backend with ``data.torch.num_workers > 0``
 
 Steps are 1-based optimizer steps (``global_step`` after the step). Faults fire on the first attempt

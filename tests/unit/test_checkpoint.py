@@ -247,3 +247,24 @@ def test_an_unclaimed_checkpointer_saves_as_before(tmp_path):
     ckpt = Checkpointer(tmp_path / "c")
     ckpt.save(_state(1), 1)
     assert load_checkpoint(ckpt.last)["step"] == 1 and not ckpt.owner_file.exists()
+
+
+def test_ctrl_c_during_a_save_takes_effect_after_it(tmp_path, monkeypatch):
+    """A KeyboardInterrupt inside torch.save broke its zip writer (a traceback, exit 1, no file):
+    the interrupt now waits for the save, which is complete and loads."""
+    import signal as sig
+
+    import invasive_dist.checkpoint as ck
+
+    real = ck._torch_save
+
+    def interrupted(obj, tmp):
+        os.kill(os.getpid(), sig.SIGINT)  # Ctrl-C lands in the middle of the write
+        real(obj, tmp)
+
+    monkeypatch.setattr(ck, "_torch_save", interrupted)
+    ckpt = Checkpointer(tmp_path / "c")
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(_state(3), 3)
+    assert load_checkpoint(ckpt.last)["step"] == 3
+    assert sig.getsignal(sig.SIGINT) is sig.default_int_handler

@@ -142,6 +142,14 @@ def test_a_timeout_names_the_ranks_on_the_other_hosts(two_hosts):
     assert "Timed out waiting 20000ms" in msg
 
 
+def test_a_pair_closed_by_the_timeout_is_a_silent_peer(two_hosts):
+    """What the second rank of a cut-off node raised in backward (DDP's all-reduce): one line, no
+    "gloo" in it; it printed a traceback before it was recognised."""
+    e = RuntimeError("Application timeout caused pair closure")
+    assert two_hosts.is_peer_failure(e)
+    assert "the other ranks stopped answering" in two_hosts.peer_failure_message(e, 3, 3, "", "CMD")
+
+
 def test_other_runtime_errors_are_bugs_not_lost_peers(two_hosts):
     assert not two_hosts.is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not two_hosts.is_peer_failure(ValueError("timed out reset by peer gloo"))
