@@ -21,9 +21,10 @@ flower heads carry the label: white/yellow small flowers, flat white umbels, ora
 brown soil patches, sky.
 
 ``difficulty="hard"`` (``synth --difficulty hard``) is closer to the real photos' problem, where a
-recipe's choices show in the AUC: 1-2 small heads (radius 3.5-8 % of the shorter side, 4-10 px at
-128 px), desaturated towards the foliage, a third of them near the left or right edge, each with
-leaves drawn over it; in both classes, with the same probabilities, look-alikes: violet and lilac
+recipe's choices show in the AUC: 1-2 smaller heads (radius 6-12 % of the shorter side, 8-15 px
+when a 4:3 image is scaled to 128 px), washed 10-30 % towards the foliage, a third of them near the
+left or right edge, each partly hidden by 1-3 leaves; in both classes, with the same probabilities,
+look-alikes: violet and lilac
 blossom clusters of round florets (no four-petal structure), white-green domes of four-petal
 florets (an unripe head, the wrong colour), violet-tinted foliage; and a harsher camera: wider
 exposure and white-balance range, defocus blur on a third of the images, JPEG quality 35-95 per
@@ -285,7 +286,7 @@ def _flower_head(
     ``edges``: centred near the left or right edge (``EDGE_BAND``); ``hard``: smaller and
     desaturated towards the foliage. ``palette``: the shades to draw from (a look-alike passes
     others). Returns (cx, cy, radius)."""
-    big_r = s * (rng.uniform(0.035, 0.08) if hard else rng.uniform(0.08, 0.18))
+    big_r = s * (rng.uniform(0.06, 0.12) if hard else rng.uniform(0.08, 0.18))
     cx, cy = rng.uniform(0.08 * w, 0.92 * w), rng.uniform(0.08 * h, 0.92 * h)
     if edges:
         cx = w * rng.uniform(*EDGE_BAND)
@@ -294,7 +295,7 @@ def _flower_head(
     squash = rng.uniform(0.78, 1.0)
     base = palette[rng.integers(0, len(palette))] * rng.uniform(0.88, 1.08, 3)
     if hard:  # washed towards the foliage: seen through haze, in shade, past its best
-        mix = rng.uniform(0.15, 0.45)
+        mix = rng.uniform(0.1, 0.3)
         base = (1 - mix) * base + mix * np.array([95, 120, 80], np.float32)
     draw.ellipse(
         [cx - 0.95 * big_r, cy - 0.95 * big_r * squash, cx + 0.95 * big_r, cy + 0.95 * big_r * squash],
@@ -362,10 +363,10 @@ def _occlude(
 ) -> None:
     """Hard level: leaves drawn over a flower head, hiding part of it."""
     cx, cy, r = head
-    n = int(rng.integers(2, 7))
+    n = int(rng.integers(1, 4))
     phi = rng.uniform(0, 2 * np.pi, n)
-    dist = r * rng.uniform(0.3, 1.1, n)
-    length = r * rng.uniform(0.6, 1.3, n)
+    dist = r * rng.uniform(0.6, 1.2, n)
+    length = r * rng.uniform(0.4, 0.8, n)
     polys = _leaf_polygons(
         cx + dist * np.cos(phi),
         cy + dist * np.sin(phi),
@@ -440,7 +441,7 @@ def _render_hard(rng: np.random.Generator, size: tuple[int, int], invasive: bool
         _violet_foliage(draw, rng, w, h, s)
     if rng.random() < 0.6:
         _small_flowers(draw, rng, w, h, s)
-    if rng.random() < 0.55:
+    if rng.random() < 0.4:
         _blossom_clusters(draw, rng, w, h, s)
     if rng.random() < 0.3:
         for _ in range(int(rng.integers(1, 3))):

@@ -142,7 +142,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, required=True, help="data, runs, submissions and the log go here")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--n-train", type=int, default=450)
+    p.add_argument("--n-train", type=int, default=600)
     p.add_argument("--n-test", type=int, default=300)
     p.add_argument("--size", default="384x288", help="synth --size (the demo's)")
     p.add_argument("--ema", type=float, default=0.9, help="train.ema_decay of the EMA runs")
