@@ -539,6 +539,14 @@ def _continue_hint(args) -> tuple[str, str]:
         )
     except UserError:
         pass
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) + 1
+    max_restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0)
+    if restart <= max_restarts:  # torchrun --max-restarts: the command below is the fallback
+        ckpt_line += (
+            f" torchrun now restarts this node's workers (restart {restart} of {max_restarts}): with "
+            "--nnodes MIN:MAX the nodes still up re-form the job and resume from it by themselves, "
+            "unless the lost host was the one that hosts the rendezvous (--master). If they cannot:"
+        )
     per_node = os.environ.get("LOCAL_WORLD_SIZE", "1")
     # Fewer processes keep the global batch only with the accumulation derived (elastic resume).
     auto = [] if "train.grad_accum=auto" in overrides else ["train.grad_accum=auto"]

@@ -21,7 +21,7 @@ records which host each rank runs on (one all-gather at start), so that
 checkpoint and the command that continues; ``cli.main`` prints it instead of a traceback.
 
 **Exit status for the launcher.** Under ``launch/train.sh`` (``launch/agent.py``) each process
-records its exit status in ``$INVASIVE_DIST_STATUS_DIR`` (:func:`record_exit`) when it ends with a
+records its exit status in ``$INVASIVE_DIST_STATUS_DIR/restart-K`` (:func:`record_exit`) when it ends with a
 message of its own; the launcher then passes that code on (2 for a user error) without torchrun's
 banner, and :func:`claim_report` lets one process per node print a message that every rank hits.
 """
@@ -305,8 +305,18 @@ def peer_failure_message(
 
 
 def _status_dir() -> Path | None:
+    """This attempt's folder in the launcher's status folder: ``restart-K`` (K: torchrun's restart
+    count), so that a restarted worker (``--max-restarts``) neither reads an earlier attempt's
+    claim to report nor leaves its exit code to be taken for this attempt's."""
     d = os.environ.get(STATUS_ENV, "")
-    return Path(d) if d and Path(d).is_dir() else None
+    if not (d and Path(d).is_dir()):
+        return None
+    attempt = Path(d) / f"restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT') or 0}"
+    try:
+        attempt.mkdir(exist_ok=True)
+    except OSError:
+        return None
+    return attempt
 
 
 def claim_report(kind: str) -> bool:

@@ -1,28 +1,35 @@
 """torchrun, as launch/train.sh and launch/predict.sh run it: torch's own ``torchrun`` main, in this
-process, with two things added. Not meant to be run by hand (the scripts print the plain torchrun
+process, with three things added. Not meant to be run by hand (the scripts print the plain torchrun
 command it runs).
 
     python launch/agent.py TORCHRUN_ARGS...      # = torchrun TORCHRUN_ARGS...
 
 1. **Errors our workers already explained end quietly, with their exit code.** A worker that printed
    its own one-line message (a user error: exit 2; a lost peer or a wait past ``dist.timeout_s``:
-   exit 1; a stop signal: 143) records that in ``$INVASIVE_DIST_STATUS_DIR`` (a folder made here,
-   node-local). When the first worker that failed on this node did (torchrun then ends the others
-   with SIGTERM), torchrun's ``ChildFailedError`` banner (about 40 lines that only repeat "exitcode
-   2") is not printed, and this node's launcher exits with that worker's code instead of
+   exit 1; a stop signal: 143) records that in ``$INVASIVE_DIST_STATUS_DIR/restart-K`` (a folder
+   made here, node-local; K counts torchrun's restarts of the workers, ``--max-restarts``). When
+   the first worker that failed on this node in the last attempt did (torchrun then ends the
+   others with SIGTERM), torchrun's ``ChildFailedError`` banner (about 40 lines that only repeat
+   "exitcode 2") is not printed, and this node's launcher exits with that worker's code instead of
    torchrun's 1. A worker that died without a word (a bug's traceback, SIGKILL, the OOM killer)
    still gets torchrun's banner.
-2. **The agent does not outlive its workers for long.** Once every worker of this node has ended,
+2. **A lost rendezvous store ends the agent with one line** (exit 1) instead of torchrun's
+   ``RendezvousConnectionError`` traceback: with ``--max-restarts``, the restart needs the store
+   that node-rank 0's agent hosts, and nothing can re-form the job once that host is gone.
+3. **The agent does not outlive its workers for long.** Once every worker of this node has ended,
    torchrun still talks to the rendezvous store on node-rank 0 (exit barrier, rendezvous shutdown).
    If that host is gone or unreachable, those calls wait for torchrun's own timeouts (measured:
    more than 11 minutes). ``AGENT_GRACE_S`` seconds after the last worker ended, this thread ends
    the agent with the workers' exit code and a line that says why. Without ``--max-restarts``
-   only: with restarts, an agent without workers may be waiting for the next rendezvous round.
+   only: with restarts, an agent without workers may be waiting for the next rendezvous round
+   (``--nnodes MIN:MAX``: the nodes still up re-form the job, see launch/README.md), which
+   torchrun's rendezvous timeouts bound.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -47,9 +54,13 @@ def _children(pid: int) -> list[int]:
 
 
 def worker_codes(status_dir: Path) -> dict[int, int]:
-    """Rank -> exit code of the workers that reported one (``rank-N`` files, see cli.main)."""
+    """Rank -> exit code of the latest attempt's workers that reported one (``restart-K/rank-N``
+    files, see cli.main; K counts torchrun's restarts, an earlier attempt's codes are not this one's)."""
+    attempts = [d for d in status_dir.glob("restart-*") if d.name[8:].isdigit()]
+    if not attempts:
+        return {}
     codes = {}
-    for f in status_dir.glob("rank-*"):
+    for f in max(attempts, key=lambda d: int(d.name[8:])).glob("rank-*"):
         try:
             codes[int(f.name[5:])] = int(f.read_text().split()[0])
         except (OSError, ValueError, IndexError):
@@ -109,6 +120,7 @@ def bound_agent(status_dir: Path, master: str, grace_s: float = AGENT_GRACE_S) -
 
 def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import main as torchrun_main
 
     status_dir = Path(tempfile.mkdtemp(prefix="invasive-dist-status-"))
@@ -127,10 +139,18 @@ def main(argv: list[str]) -> int:
         if code is not None and code == first.exitcode:
             return code
         raise
+    except RendezvousConnectionError:
+        # --max-restarts: the restart's rendezvous needs the store that node-rank 0's agent hosts;
+        # with that host gone, no node can re-form the job (torch's c10d store is not replicated).
+        print(
+            f"launch: the rendezvous store at {_master(argv)} is gone (that host died or is unreachable): "
+            "this node cannot re-form the job without it; continue with the command printed above",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     finally:
-        for f in status_dir.glob("*"):
-            f.unlink(missing_ok=True)
-        status_dir.rmdir()
+        shutil.rmtree(status_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 # shellcheck shell=bash
 # Shared by launch/train.sh and launch/predict.sh (sourced, not run): launcher options -> torchrun.
 #
-# Parses   [-n NPROC | --gpus N] [--nnodes M --node-rank R --master ADDR:PORT] [--dry-run] [--config FILE]
+# Parses   [-n NPROC | --gpus N] [--nnodes M|MIN:MAX --node-rank R --master ADDR:PORT]
+#          [--max-restarts K] [--dry-run] [--config FILE]
 # and builds the torchrun part of the command line in the array TORCHRUN_CMD:
 #   one node:    torchrun --standalone --nnodes=1 --nproc_per_node=N
 #   M nodes:     torchrun --nnodes=M --node_rank=R --nproc_per_node=N --rdzv_backend=c10d
 #                         --rdzv_endpoint=ADDR:PORT --rdzv_id=$RDZV_ID --rdzv_conf=is_host=<R==0>
+#   elastic:     --nnodes=MIN:MAX (and --max_restarts=K): the job runs on any MIN..MAX nodes and
+#                re-forms (restarts every worker) when one is lost, up to K times
 # With c10d the rendezvous numbers the nodes; node-rank 0 hosts the rendezvous store (is_host), so
 # ADDR must be an address of node-rank 0 that the other nodes can reach.
 
@@ -61,6 +64,8 @@ check_python() {
 
 NPROC=""
 NNODES=1
+MIN_NODES="" # --nnodes MIN:MAX (elastic); NNODES is then MAX
+MAX_RESTARTS=""
 NODE_RANK=""
 MASTER=""
 DRY_RUN=0
@@ -84,7 +89,7 @@ parse_launch_args() {
                 usage
                 exit 0
                 ;;
-            -n | --nproc | --nproc-per-node | --gpus | --nnodes | --node-rank | --master)
+            -n | --nproc | --nproc-per-node | --gpus | --nnodes | --node-rank | --master | --max-restarts)
                 if [[ -z $val ]]; then
                     (($# >= 2)) || die "$opt needs a value"
                     val=$2
@@ -92,8 +97,17 @@ parse_launch_args() {
                 fi
                 case $opt in
                     --nnodes)
-                        if ! is_uint "$val" || ((10#$val < 1)); then die "--nnodes: '$val' is not a positive integer"; fi
-                        NNODES=$val
+                        if [[ $val =~ ^([0-9]+):([0-9]+)$ ]]; then # elastic: MIN:MAX
+                            MIN_NODES=$((10#${BASH_REMATCH[1]}))
+                            val=${BASH_REMATCH[2]}
+                            if ((MIN_NODES < 1 || MIN_NODES > 10#$val)); then die "--nnodes: '$MIN_NODES:$val' needs 1 <= MIN <= MAX"; fi
+                        fi
+                        if ! is_uint "$val" || ((10#$val < 1)); then die "--nnodes: '$val' is not a positive integer or MIN:MAX"; fi
+                        NNODES=$((10#$val))
+                        ;;
+                    --max-restarts)
+                        is_uint "$val" || die "--max-restarts: '$val' is not a non-negative integer"
+                        MAX_RESTARTS=$val
                         ;;
                     --node-rank)
                         is_uint "$val" || die "--node-rank: '$val' is not a non-negative integer"
@@ -157,10 +171,11 @@ build_torchrun() {
         ((10#$NODE_RANK < NNODES)) || die "--node-rank $NODE_RANK must be below --nnodes $NNODES"
         local is_host=false
         if ((10#$NODE_RANK == 0)); then is_host=true; fi
-        TORCHRUN_CMD=("$torchrun" "--nnodes=$NNODES" "--node_rank=$NODE_RANK" "--nproc_per_node=$NPROC"
-            --rdzv_backend=c10d "--rdzv_endpoint=$MASTER" "--rdzv_id=${RDZV_ID:-invasive-dist}"
-            "--rdzv_conf=is_host=$is_host")
+        TORCHRUN_CMD=("$torchrun" "--nnodes=${MIN_NODES:+$MIN_NODES:}$NNODES" "--node_rank=$NODE_RANK"
+            "--nproc_per_node=$NPROC" --rdzv_backend=c10d "--rdzv_endpoint=$MASTER"
+            "--rdzv_id=${RDZV_ID:-invasive-dist}" "--rdzv_conf=is_host=$is_host")
     fi
+    if [[ -n $MAX_RESTARTS ]]; then TORCHRUN_CMD+=("--max_restarts=$MAX_RESTARTS"); fi
 }
 
 # run_cmd TORCHRUN ARGS...: prints the torchrun command (shell-quoted), then replaces this shell with

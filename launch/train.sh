@@ -6,6 +6,8 @@
 #   # two nodes, run on each (node-rank 0 on node001):
 #   launch/train.sh --nnodes 2 --node-rank 0 --master node001:29500 configs/r50.yaml
 #   launch/train.sh --nnodes 2 --node-rank 1 --master node001:29500 configs/r50.yaml
+#   # elastic: go on with 1 node when the other is lost (see launch/README.md for what it covers):
+#   launch/train.sh --nnodes 1:2 --max-restarts 3 --node-rank R --master node001:29500 configs/r50.yaml train.grad_accum=auto
 #
 # Exit status: the training's (0; 2 for a user error such as a bad config key, printed once per
 # node; 1 when a peer was lost, with a message naming it and the command that continues; 143 after
@@ -17,15 +19,19 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 usage() {
     cat <<USAGE
-Usage: $PROG [-n NPROC | --gpus N] [--nnodes M --node-rank R --master ADDR:PORT] [--dry-run]
+Usage: $PROG [-n NPROC | --gpus N] [--nnodes M|MIN:MAX --node-rank R --master ADDR:PORT]
+             [--max-restarts K] [--dry-run]
              CONFIG [key.path=value ...]        (or --config CONFIG)
 
 Runs: torchrun ... -m invasive_dist train --config CONFIG key.path=value ...
 
   -n, --nproc, --gpus N   processes on this node (default: the GPUs nvidia-smi -L lists, 1 without)
   --nnodes M              nodes in the job (default 1: torchrun --standalone)
+  --nnodes MIN:MAX        elastic: any MIN..MAX nodes; with --max-restarts, the nodes left after a
+                          lost one re-form the job and resume (use train.grad_accum=auto)
   --node-rank R           this node, 0..M-1 (0 on the node that --master names)
   --master ADDR:PORT      c10d rendezvous endpoint on node-rank 0 (multi-node only)
+  --max-restarts K        torchrun restarts this node's workers up to K times after a failure
   --dry-run               print the command without running it
 Environment: TORCHRUN (torchrun executable), RDZV_ID (rendezvous id, default invasive-dist).
 USAGE

@@ -153,3 +153,27 @@ def test_a_pair_closed_by_the_timeout_is_a_silent_peer(two_hosts):
 def test_other_runtime_errors_are_bugs_not_lost_peers(two_hosts):
     assert not two_hosts.is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not two_hosts.is_peer_failure(ValueError("timed out reset by peer gloo"))
+
+
+def test_a_restarted_worker_reports_afresh_and_the_agent_reads_its_attempt(monkeypatch, tmp_path):
+    """torchrun --max-restarts: the first attempt's claim to report and exit code (a lost peer,
+    1) must not silence the next attempt's message, nor pass for its exit code at the launcher."""
+    import importlib.util
+
+    from ..conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("agent", ROOT / "launch" / "agent.py")
+    agent = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agent)
+    monkeypatch.setenv(distributed.STATUS_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert distributed.claim_report("peer-failure") and not distributed.claim_report("peer-failure")
+    distributed.record_exit(1)
+    assert agent.worker_codes(tmp_path) == {0: 1}
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert distributed.claim_report("peer-failure")  # attempt 1 reports its own lost peer
+    distributed.record_exit(2)
+    monkeypatch.setenv("RANK", "1")
+    distributed.record_exit(143)
+    assert agent.worker_codes(tmp_path) == {0: 2, 1: 143}
