@@ -94,6 +94,26 @@ def test_train_sh_builds_the_torchrun_command(tmp_path):
         "--nnodes=2 --node_rank=1 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=n1:29500 "
         "--rdzv_id=invasive-dist --rdzv_conf=is_host=false -m invasive_dist train"
     ) in out
+    # elastic: any 1..2 nodes, the nodes left re-form the job (tests/cluster/test_elastic_hosts.py)
+    rc, out = sh(
+        "--dry-run",
+        "-n",
+        "2",
+        "--nnodes",
+        "1:2",
+        "--max-restarts",
+        "3",
+        "--node-rank",
+        "0",
+        "--master",
+        "n1:29500",
+        str(cfg),
+    )
+    assert rc == 0, out
+    assert (
+        "--nnodes=1:2 --node_rank=0 --nproc_per_node=2 --rdzv_backend=c10d --rdzv_endpoint=n1:29500 "
+        "--rdzv_id=invasive-dist --rdzv_conf=is_host=true --max_restarts=3 -m invasive_dist train"
+    ) in out
 
 
 def test_train_sh_takes_config_as_every_command_does(tmp_path):
@@ -153,6 +173,8 @@ def test_a_user_error_under_train_sh_prints_one_line_and_exits_2(tmp_path, tiny_
         ),
         (["--nnodes", "2", "--node-rank", "0", "--master", "h", "CFG"], "--master: 'h' is not ADDR:PORT"),
         (["--master", "h:1", "CFG"], "--master/--node-rank need --nnodes > 1"),
+        (["--nnodes", "3:2", "--node-rank", "0", "--master", "h:1", "CFG"], "'3:2' needs 1 <= MIN <= MAX"),
+        (["--max-restarts", "-1", "CFG"], "--max-restarts: '-1' is not a non-negative integer"),
         (["-n"], "-n needs a value"),
     ],
 )
