@@ -545,7 +545,7 @@ def _continue_hint(args) -> tuple[str, str]:
         ckpt_line += (
             f" torchrun now restarts this node's workers (restart {restart} of {max_restarts}): with "
             "--nnodes MIN:MAX the nodes still up re-form the job and resume from it by themselves, "
-            "unless the lost host was the one that hosts the rendezvous (--master). If they cannot:"
+            "unless the lost host was the one that hosts the rendezvous (--master): then the job ends."
         )
     per_node = os.environ.get("LOCAL_WORLD_SIZE", "1")
     # Fewer processes keep the global batch only with the accumulation derived (elastic resume).

@@ -21,9 +21,10 @@ records which host each rank runs on (one all-gather at start), so that
 checkpoint and the command that continues; ``cli.main`` prints it instead of a traceback.
 
 **Exit status for the launcher.** Under ``launch/train.sh`` (``launch/agent.py``) each process
-records its exit status in ``$INVASIVE_DIST_STATUS_DIR/restart-K`` (:func:`record_exit`) when it ends with a
-message of its own; the launcher then passes that code on (2 for a user error) without torchrun's
-banner, and :func:`claim_report` lets one process per node print a message that every rank hits.
+records its exit status in ``$INVASIVE_DIST_STATUS_DIR/restart-K`` (:func:`record_exit`; K:
+torchrun's restart count) when it ends with a message of its own; the launcher then passes that
+code on (2 for a user error) without torchrun's banner, and :func:`claim_report` lets one process
+per node (and attempt) print a message that every rank hits.
 """
 
 from __future__ import annotations
