@@ -16,7 +16,9 @@ are the usual 6817/6818, free in the hosts' own network namespaces.
 The settings are those of tests/slurm/cluster.sh (which says why each is there): root daemons,
 proctrack/pgid (no cgroup setup; slurmd still wants the machine's cgroup filesystems, which are
 mounted again in each slurmd's mount namespace), cred_expire=10 and sched_interval=2 so that a
-requeued job starts again within about 15 s, MinJobAge=16. Measured: up in about 1 s.
+requeued job starts again within about 15 s, MinJobAge=16; and SlurmdTimeout=20 (not 60): a
+host whose slurmd stops answering is DOWN, and its jobs requeued, after 20 to 30 s. Measured: up
+in about 1 s.
 
 Cleanup: :meth:`SlurmHosts.close` sends SIGTERM to the daemons, waits for them and removes the
 folder; the hosts' ``Cluster.close`` then SIGKILLs whatever is left in the namespaces (job steps, a
@@ -95,7 +97,7 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 ReturnToService=2
 SlurmctldTimeout=30
-SlurmdTimeout=60
+SlurmdTimeout=20
 InactiveLimit=0
 MinJobAge=16
 KillWait=30
