@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -119,6 +120,7 @@ def bound_agent(status_dir: Path, master: str, grace_s: float = AGENT_GRACE_S) -
 
 
 def main(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import main as torchrun_main
@@ -139,6 +141,16 @@ def main(argv: list[str]) -> int:
         if code is not None and code == first.exitcode:
             return code
         raise
+    except SignalException as e:
+        # Slurm's preemption, scancel or time limit (or a kill): torchrun passed the signal to the
+        # workers, which save and stop (exit 143), then re-raised it here. One line, no traceback.
+        name = signal.Signals(e.sigval).name
+        print(
+            f"launch: torchrun got {name}; this node's workers were told to save and stop",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 128 + int(e.sigval)
     except RendezvousConnectionError:
         # --max-restarts: the restart's rendezvous needs the store that node-rank 0's agent hosts;
         # with that host gone, no node can re-form the job (torch's c10d store is not replicated).

@@ -211,3 +211,30 @@ def test_predict_sh_builds_the_command(tmp_path):
     assert f"-m invasive_dist predict --run-dir {tmp_path}" in out or re.search(
         rf"python\S* -m invasive_dist predict --run {tmp_path}", out
     ), out
+
+
+@pytest.mark.slow  # two ranks under torchrun (about 1 min on 2 busy cores)
+def test_sigterm_to_train_sh_saves_and_exits_143_without_a_traceback(tmp_path, tiny_data):
+    """What Slurm's preemption or scancel sends to the step: the workers save and stop (143), and
+    the agent says so in one line instead of torchrun's SignalException traceback."""
+    import signal
+    import time
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    args = [TRAIN_SH, "-n", "2", "--config", cfg, f"data.root={tiny_data}", f"output.root={tmp_path}",
+            "output.name=term", "train.epochs=50", "data.image_size=32", "data.batch_size=4", "train.log_every=1"]  # fmt: skip
+    log = tmp_path / "out.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen(args, cwd=ROOT, env=clean_env(), stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while "step 2/" not in log.read_text():
+        assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    rc = p.wait(timeout=120)
+    out = log.read_text()
+    assert rc == 143, out[-3000:]
+    assert "launch: torchrun got SIGTERM" in out and "SIGTERM received" in out, out[-3000:]
+    assert "Traceback" not in out and "SignalException" not in out, out[-3000:]
+    assert (tmp_path / "term" / "checkpoints" / "last.pt").is_file()
