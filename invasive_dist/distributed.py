@@ -269,22 +269,28 @@ def lost_peer(error: BaseException, rank: int) -> str:
     """Which host and ranks ``error`` points at, in words: the peer address gloo names when the
     peer's sockets were closed, else (a timeout) the ranks that run on other hosts."""
     me = HOSTS[rank][0] if rank < len(HOSTS) else socket.gethostname()
-    m = _ADDR.search(str(error))
-    if m and HOSTS:
-        addr = m.group(1)
-        ranks = [r for r, (_, a) in enumerate(HOSTS) if a == addr]
-        if ranks:
-            host = HOSTS[ranks[0]][0]
-            if host != me:
-                return f"lost {_ranks_text(ranks)} on {host} ({addr}): its connections were closed (the host or its processes died)"
-        with contextlib.suppress(OSError):
-            return f"lost the rank at {socket.gethostbyaddr(addr)[0]} ({addr})"
-        return f"lost the rank at {addr}"
     others: dict[str, list[int]] = {}
     for r, (host, _) in enumerate(HOSTS):
         if host != me:
             others.setdefault(host, []).append(r)
     where = "; ".join(f"{_ranks_text(rs)} on {h}" for h, rs in others.items())
+    m = _ADDR.search(str(error))
+    if m and HOSTS:
+        addr = m.group(1)
+        ranks = [r for r, (_, a) in enumerate(HOSTS) if a == addr]
+        if ranks and HOSTS[ranks[0]][0] != me:
+            host = HOSTS[ranks[0]][0]
+            return f"lost {_ranks_text(ranks)} on {host} ({addr}): its connections were closed (the host or its processes died)"
+        if ranks:  # a rank of this host closed first: most often it had itself lost another host
+            mine = [r for r in ranks if r != rank]
+            return f"{_ranks_text(mine or ranks)} on this host ended first" + (
+                f", most likely after losing the other hosts' ranks ({where}; a host down, frozen or cut off the network)"
+                if where
+                else ""
+            )
+        with contextlib.suppress(OSError):
+            return f"lost the rank at {socket.gethostbyaddr(addr)[0]} ({addr})"
+        return f"lost the rank at {addr}"
     return "the other ranks stopped answering" + (
         f" (on other hosts: {where}; a host down, frozen or cut off the network)" if where else ""
     )

@@ -150,6 +150,21 @@ def test_a_pair_closed_by_the_timeout_is_a_silent_peer(two_hosts):
     assert "the other ranks stopped answering" in two_hosts.peer_failure_message(e, 3, 3, "", "CMD")
 
 
+def test_a_rank_of_this_host_closing_first_still_names_the_other_host(two_hosts):
+    """CI, node2's link cut: rank 0 on node1 saw its own node's rank 1 (which had timed out on
+    node2) close first, and blamed node1 itself ("lost the rank at node1"). The cause is elsewhere."""
+    e = RuntimeError(
+        RESET.replace(
+            "Read error [10.213.0.2]:64659: Connection reset", "Connection closed by peer [10.213.0.1]:43926"
+        )
+    )
+    assert two_hosts.is_peer_failure(e)
+    msg = two_hosts.peer_failure_message(e, 0, 3, "", "CMD")
+    assert msg.startswith("rank 0 on node1: rank 1 on this host ended first, most likely after losing")
+    assert "ranks 2, 3 on node2" in msg and "at step 3" in msg
+    assert "lost the rank at node1" not in msg
+
+
 def test_other_runtime_errors_are_bugs_not_lost_peers(two_hosts):
     assert not two_hosts.is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not two_hosts.is_peer_failure(ValueError("timed out reset by peer gloo"))
