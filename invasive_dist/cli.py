@@ -28,6 +28,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -559,13 +560,27 @@ def _continue_hint(args) -> tuple[str, str]:
     )
 
 
+def _hold_stop_signals(held: dict) -> None:
+    """This process ends with a message of its own (a user error, a lost peer): a SIGTERM now must
+    not kill it before the message is out. torchrun sends one to the node's other workers as soon
+    as one has failed, and the rendezvous host's loss makes it send one to all of them; the trainer
+    has restored the default action (death, silently) on its way out, and writing the message
+    reads the config and the checkpoints (tenths of a second). ``main`` restores the handlers in
+    ``held`` when it returns (it is also called from Python: the caller keeps its SIGTERM)."""
+    if threading.current_thread() is threading.main_thread() and not held:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            held[sig] = signal.signal(sig, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     code = None  # set when this process ends with a message of its own (told to the launcher)
+    held: dict = {}  # the stop signals' handlers while the message is written
     try:
         code = args.fn(args)
         return code
     except UserError as e:
+        _hold_stop_signals(held)
         # Every rank usually hits the same error: one message per node under the launch scripts.
         if claim_report("user-error"):
             print(f"invasive-dist {args.command}: error: {e}", file=sys.stderr)
@@ -582,12 +597,14 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_PREEMPTED
         return code
     except FencedOut as e:  # thawed after another attempt took the run over: it keeps the folder
+        _hold_stop_signals(held)
         print(f"invasive-dist {args.command}: error: {e}", file=sys.stderr, flush=True)
         code = EXIT_PEER_LOST
         return code
     except Exception as e:
         if not (dist.is_available() and dist.is_initialized() and is_peer_failure(e)):
             raise  # a bug: its traceback
+        _hold_stop_signals(held)
         if claim_report("peer-failure"):
             ckpt_line, command = _continue_hint(args)
             rank = dist.get_rank()
@@ -604,3 +621,5 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stderr.flush()
                 os._exit(code)
             dist.destroy_process_group()
+        for sig, handler in held.items():
+            signal.signal(sig, handler)

@@ -153,7 +153,7 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def _end_later(signum, frame) -> None:
-    """A worker's SIGTERM/SIGUSR1: SIGALRM's default action ends it after the grace, whatever it
+    """A worker's SIGTERM/SIGUSR1/SIGINT: SIGALRM's default action ends it after the grace, whatever it
     is doing then (stuck in a decode, asleep); a second signal does not postpone the end."""
     left = signal.alarm(0)  # cancels a scheduled end and returns its seconds left (0: none)
     signal.alarm(left or _worker_grace_s)
@@ -172,15 +172,16 @@ def _worker_init(grace_s: int, worker_id: int) -> None:
     their stop-step checkpoint on a loaded machine). Within the grace the rank finishes its step,
     saves and exits, and its DataLoader stops the workers; a worker that nobody stops (itself
     stuck) still ends by itself. The trainer's own handler (which only sets a flag) is never
-    inherited: workers are forked from the forkserver, not from the trainer. SIGINT keeps its
-    default (Ctrl-C ends everything)."""
+    inherited: workers are forked from the forkserver, not from the trainer. SIGINT likewise: a
+    terminal's Ctrl-C reaches the whole foreground group, and a worker that died at once made its
+    rank end on "DataLoader worker exited unexpectedly" (a traceback, exit 1) instead of Ctrl-C's
+    own line and 130 (seen in CI); the rank's KeyboardInterrupt ends it, and its workers with it."""
     del worker_id
     workers.tie_to_rank()
     global _worker_grace_s
     _worker_grace_s = grace_s
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    for sig in _STOP_SIGNALS:
+    for sig in (*_STOP_SIGNALS, signal.SIGINT):
         signal.signal(sig, _end_later)
 
 

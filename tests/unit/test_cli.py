@@ -194,3 +194,37 @@ def test_report_into_a_closed_pipe_ends_quietly(tmp_path):
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 141  # 128 + SIGPIPE, as a shell tool killed by it
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_a_sigterm_while_the_error_is_being_written_does_not_swallow_it(tmp_path):
+    """CI (tests/cluster, the rendezvous host killed): node2's workers had failed on the lost peer
+    and were writing their message when torchrun, which had lost its store too, sent them SIGTERM;
+    the trainer had restored SIGTERM's default action on its way out, so they died without a word
+    and the node printed no error line. Here the SIGTERM arrives at the same point, from the
+    process itself, between claiming the node's report and printing it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys\n"
+        "from invasive_dist import cli\n"
+        "def claim(kind):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return True\n"
+        "cli.claim_report = claim\n"
+        f"sys.exit(cli.main(['eda', '--data', {str(tmp_path / 'nope')!r}, '--out', {str(tmp_path / 'o')!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "the folder does not exist" in proc.stderr
+
+
+def test_an_error_leaves_the_callers_sigterm_handler_as_it_was(tmp_path, capsys):
+    """The hold above lasts while the message is written: a script that calls main() keeps its
+    own SIGTERM handling afterwards (an ignored SIGTERM would also pass to every child it starts)."""
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    assert main(["eda", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert "the folder does not exist" in capsys.readouterr().err
