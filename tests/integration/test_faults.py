@@ -110,6 +110,9 @@ class Run:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # As a terminal starts it: a shell's background job (`.ci/run &`, nohup) passes on
+                # SIGINT ignored, and the Ctrl-C test then saw the run finish (seen in a CI rehearsal).
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             )
         self.started = time.monotonic()
 
